@@ -1,0 +1,40 @@
+# `make demo`: set up, build, train, export, infer, benchmark, report.   `make test`: set up, build, test.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RUN_DIR ?= runs/demo
+DATASET_DIR := /usr/share/datasets/fashion-mnist
+# The toolkit that matches the pinned torch (cpp_extension's own guess misses it).
+export CUDA_HOME ?= $(wildcard /usr/local/cuda)
+export MAX_JOBS ?= 2
+
+.PHONY: setup build test demo dataset cpp bench-op clean
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -r requirements-dev.txt
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Fashion-MNIST from Debian (needs root); without it the real-data tests skip and training asks for --data-dir.
+dataset:
+	@if [ -d $(DATASET_DIR) ]; then echo "Fashion-MNIST found in $(DATASET_DIR)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	else echo "Fashion-MNIST not installed: run 'apt-get install dataset-fashion-mnist' as root, or pass --data-dir"; fi
+
+build: setup
+	$(PY) -m pip install --no-build-isolation --no-deps -e .
+	$(PY) -c "import resnet_deploy._library as l; print(l.build_info())"
+
+test: build dataset
+	$(PY) -m pytest -q
+
+bench-op: build
+	$(PY) scripts/bench_op.py
+
+clean:
+	rm -rf build *.egg-info resnet_deploy/*.so

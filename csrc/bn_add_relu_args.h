@@ -1,0 +1,141 @@
+// Argument checking and preparation shared by the CPU and CUDA kernels: every error a caller can cause is
+// reported here, once, in one sentence.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <optional>
+
+namespace resnet_deploy {
+
+// The two layouts the kernels walk; any other strides are copied into NCHW first.
+inline at::MemoryFormat kernel_memory_format(const at::Tensor& input) {
+  if (!input.is_contiguous() && input.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    return at::MemoryFormat::ChannelsLast;
+  }
+  return at::MemoryFormat::Contiguous;
+}
+
+// Statistics and parameters are kept in float32 (float64 for float64 inputs), as PyTorch's BatchNorm does.
+inline at::ScalarType stats_dtype(const at::Tensor& input) {
+  return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_input(const char* op, const at::Tensor& input) {
+  TORCH_CHECK_VALUE(input.dim() == 4, op, ": expected a 4-D input (N, C, H, W), got a ", input.dim(),
+                    "-D tensor of shape ", input.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(input.scalar_type()), op,
+                   ": expected a floating-point input (float32, float64, bfloat16 or float16), got ",
+                   input.scalar_type());
+}
+
+inline void check_same_device(const char* op, const at::Tensor& input, const at::Tensor& other, const char* name) {
+  TORCH_CHECK_VALUE(other.device() == input.device(), op, ": ", name, " is on ", other.device(),
+                    " but the input is on ", input.device(), "; all tensors must be on one device");
+}
+
+inline void check_like_input(const char* op, const at::Tensor& input, const at::Tensor& other, const char* name) {
+  check_same_device(op, input, other, name);
+  TORCH_CHECK_VALUE(other.sizes() == input.sizes(), op, ": ", name, " must have the input's shape ",
+                    input.sizes(), ", got ", other.sizes());
+  TORCH_CHECK_TYPE(other.scalar_type() == input.scalar_type(), op, ": ", name, " must have the input's dtype ",
+                   input.scalar_type(), ", got ", other.scalar_type());
+}
+
+inline void check_channel_param(const char* op, const at::Tensor& input, const at::Tensor& param, const char* name) {
+  check_same_device(op, input, param, name);
+  TORCH_CHECK_VALUE(param.dim() == 1 && param.size(0) == input.size(1), op, ": ", name,
+                    " must have one value per channel (shape [", input.size(1), "]), got shape ", param.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(param.scalar_type()), op, ": ", name, " must be floating-point, got ",
+                   param.scalar_type());
+}
+
+inline void check_training_count(const char* op, const at::Tensor& input) {
+  TORCH_CHECK_VALUE(input.numel() / input.size(1) > 1, op,
+                    ": expected more than 1 value per channel when training, got input of shape ", input.sizes());
+}
+
+// A tensor of the input's shape, in the kernel's layout (a no-op when it already is).
+inline at::Tensor in_layout(const at::Tensor& tensor, at::MemoryFormat format) {
+  return tensor.contiguous(format);
+}
+
+// A per-channel tensor as a contiguous stats-dtype vector, `fill` when absent.
+inline at::Tensor channel_vector(const std::optional<at::Tensor>& param, const at::Tensor& input, double fill) {
+  if (param.has_value() && param->defined()) {
+    return param->to(stats_dtype(input)).contiguous();
+  }
+  return at::full({input.size(1)}, fill, input.options().dtype(stats_dtype(input)));
+}
+
+// Shape of the kernels' iteration: NCHW walks N*C planes of HW; channels_last walks N*HW rows of C.
+struct Geometry {
+  int64_t batch;
+  int64_t channels;
+  int64_t plane;  // H * W
+  bool channels_last;
+  int64_t per_channel() const { return batch * plane; }
+};
+
+inline Geometry geometry(const at::Tensor& input, at::MemoryFormat format) {
+  return {input.size(0), input.size(1), input.size(2) * input.size(3), format == at::MemoryFormat::ChannelsLast};
+}
+
+}  // namespace resnet_deploy
+
+namespace resnet_deploy {
+
+// Forward arguments, checked and laid out for the kernels.
+struct ForwardArgs {
+  at::Tensor input;     // in `format`
+  at::Tensor residual;  // in `format`, or undefined
+  at::Tensor weight;    // stats dtype, contiguous [C]
+  at::Tensor bias;      // stats dtype, contiguous [C]
+  at::MemoryFormat format;
+  Geometry geom;
+};
+
+inline ForwardArgs prepare_forward(const char* op, const at::Tensor& input, const std::optional<at::Tensor>& residual,
+                                   const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias) {
+  check_input(op, input);
+  const bool has_residual = residual.has_value() && residual->defined();
+  if (has_residual) check_like_input(op, input, *residual, "residual");
+  if (weight.has_value() && weight->defined()) check_channel_param(op, input, *weight, "weight");
+  if (bias.has_value() && bias->defined()) check_channel_param(op, input, *bias, "bias");
+  const auto format = kernel_memory_format(input);
+  return {in_layout(input, format), has_residual ? in_layout(*residual, format) : at::Tensor(),
+          channel_vector(weight, input, 1.0), channel_vector(bias, input, 0.0), format, geometry(input, format)};
+}
+
+// Backward arguments: everything of the input's shape in the input's kernel layout.
+struct BackwardArgs {
+  at::Tensor grad_out;
+  at::Tensor out;
+  at::Tensor input;
+  at::Tensor mean;    // stats dtype, contiguous [C]
+  at::Tensor invstd;  // stats dtype, contiguous [C]
+  at::Tensor weight;  // stats dtype, contiguous [C]
+  at::MemoryFormat format;
+  Geometry geom;
+};
+
+inline BackwardArgs prepare_backward(const char* op, const at::Tensor& grad_out, const at::Tensor& out,
+                                     const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
+                                     const std::optional<at::Tensor>& weight) {
+  check_input(op, input);
+  check_like_input(op, input, grad_out, "grad_out");
+  check_like_input(op, input, out, "out");
+  check_channel_param(op, input, mean, "mean");
+  check_channel_param(op, input, invstd, "invstd");
+  if (weight.has_value() && weight->defined()) check_channel_param(op, input, *weight, "weight");
+  const auto format = kernel_memory_format(input);
+  return {in_layout(grad_out, format), in_layout(out, format), in_layout(input, format),
+          channel_vector(mean, input, 0.0), channel_vector(invstd, input, 1.0), channel_vector(weight, input, 1.0),
+          format, geometry(input, format)};
+}
+
+// Parameter gradients have the weight's dtype (the stats dtype when there is no weight).
+inline at::ScalarType param_grad_dtype(const at::Tensor& input, const std::optional<at::Tensor>& weight) {
+  return weight.has_value() && weight->defined() ? weight->scalar_type() : stats_dtype(input);
+}
+
+}  // namespace resnet_deploy

@@ -1,0 +1,17 @@
+// Operator schemas only. Kernels: cpu/bn_add_relu.cpp and cuda/bn_add_relu.cu; autograd and fake kernels:
+// resnet_deploy/ops.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(resnet_deploy, m) {
+  // Training forward with batch statistics; returns the batch mean and inverse std for the backward
+  // (float32, or float64 for float64 inputs). Running statistics are updated by the caller.
+  m.def("bn_add_relu_train(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, float eps)"
+        " -> (Tensor out, Tensor mean, Tensor invstd)");
+  // Eval forward with running statistics.
+  m.def("bn_add_relu_eval(Tensor input, Tensor? residual, Tensor running_mean, Tensor running_var,"
+        " Tensor? weight, Tensor? bias, float eps) -> Tensor");
+  // Backward of either forward: the ReLU mask comes from `out`. grad_residual is empty when not requested.
+  m.def("bn_add_relu_backward(Tensor grad_out, Tensor out, Tensor input, Tensor mean, Tensor invstd,"
+        " Tensor? weight, bool training, bool residual_grad)"
+        " -> (Tensor grad_input, Tensor grad_residual, Tensor grad_weight, Tensor grad_bias)");
+}

@@ -1,0 +1,18 @@
+// The Python module resnet_deploy._C: importing it loads this library, whose TORCH_LIBRARY blocks register
+// the operators; it also tells how the library was built.
+#include <torch/extension.h>
+
+#ifndef RESNET_DEPLOY_CUDA_ARCHS
+#define RESNET_DEPLOY_CUDA_ARCHS ""
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "resnet_deploy operators (torch.ops.resnet_deploy.*)";
+  m.def("build_info", [] {
+    pybind11::dict info;
+    info["cuda"] = static_cast<bool>(RESNET_DEPLOY_WITH_CUDA);
+    info["cuda_archs"] = std::string(RESNET_DEPLOY_CUDA_ARCHS);
+    info["torch"] = std::string(RESNET_DEPLOY_TORCH_VERSION);
+    return info;
+  });
+}

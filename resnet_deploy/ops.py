@@ -1,0 +1,123 @@
+"""The fused operator y = relu(batch_norm(x) + residual), over torch.ops.resnet_deploy.*.
+
+The C++ library (csrc/ops.cpp) defines three operators:
+  bn_add_relu_train(input, residual?, weight?, bias?, eps) -> (out, mean, invstd)    batch statistics
+  bn_add_relu_eval(input, residual?, running_mean, running_var, weight?, bias?, eps) -> out
+  bn_add_relu_backward(grad_out, out, input, mean, invstd, weight?, training, residual_grad)
+      -> (grad_input, grad_residual, grad_weight, grad_bias)
+The forward operators are functional: running statistics are updated here, outside autograd.
+"""
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+_ops = torch.ops.resnet_deploy
+
+
+def _check_inputs(input: Tensor, residual: Optional[Tensor], running_mean: Optional[Tensor],
+                  running_var: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                  training: bool):
+    # Shape and dtype errors are raised by the C++ operators; devices are checked here because a tensor
+    # on another device sends the call to that device's kernel before any C++ check can run.
+    tensors: List[Optional[Tensor]] = [residual, running_mean, running_var, weight, bias]
+    for other in tensors:
+        if other is not None and other.device != input.device:
+            raise ValueError(f"batch_norm_add_relu: all tensors must be on the input's device {input.device}, "
+                             f"got one on {other.device}")
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError("batch_norm_add_relu: eval mode (training=False) needs running_mean and running_var")
+
+
+def batch_norm_add_relu(input: Tensor, residual: Optional[Tensor], running_mean: Optional[Tensor],
+                        running_var: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                        training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+    """relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps) + residual).
+
+    input is (N, C, H, W), contiguous or channels_last; residual (same shape) may be None. In training the
+    batch statistics normalize the input and running_mean / running_var (if given) are updated in place
+    with the unbiased batch variance, as PyTorch does. Gradients flow to input, residual, weight and bias.
+    """
+    _check_inputs(input, residual, running_mean, running_var, weight, bias, training)
+    if not training:
+        assert running_mean is not None and running_var is not None
+        return _ops.bn_add_relu_eval(input, residual, running_mean, running_var, weight, bias, eps)
+    out, mean, invstd = _ops.bn_add_relu_train(input, residual, weight, bias, eps)
+    if running_mean is not None and running_var is not None:
+        _update_running_stats(input, mean, invstd, running_mean, running_var, momentum, eps)
+    return out
+
+
+def _update_running_stats(input: Tensor, mean: Tensor, invstd: Tensor, running_mean: Tensor,
+                          running_var: Tensor, momentum: float, eps: float):
+    count = input.numel() // input.size(1)
+    with torch.no_grad():
+        biased_var = invstd.pow(-2) - eps
+        unbiased_var = biased_var * (count / (count - 1))
+        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        running_var.mul_(1 - momentum).add_(unbiased_var.to(running_var.dtype), alpha=momentum)
+
+
+# Fake kernels: shapes and dtypes only, so torch.compile / torch.export / ONNX export can trace the ops.
+def _stats_dtype(input: Tensor) -> torch.dtype:
+    return torch.float64 if input.dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("resnet_deploy::bn_add_relu_train")
+def _train_fake(input, residual, weight, bias, eps):
+    channels = input.size(1)
+    stats = input.new_empty((channels,), dtype=_stats_dtype(input))
+    return torch.empty_like(input), stats, torch.empty_like(stats)
+
+
+@torch.library.register_fake("resnet_deploy::bn_add_relu_eval")
+def _eval_fake(input, residual, running_mean, running_var, weight, bias, eps):
+    return torch.empty_like(input)
+
+
+@torch.library.register_fake("resnet_deploy::bn_add_relu_backward")
+def _backward_fake(grad_out, out, input, mean, invstd, weight, training, residual_grad):
+    channels = input.size(1)
+    param_dtype = weight.dtype if weight is not None else _stats_dtype(input)
+    grad_residual = torch.empty_like(input) if residual_grad else input.new_empty((0,))
+    return (torch.empty_like(input), grad_residual,
+            input.new_empty((channels,), dtype=param_dtype), input.new_empty((channels,), dtype=param_dtype))
+
+
+# Autograd: both forward operators share one backward operator, which reads the ReLU mask from `out`.
+def _remember_which_grads(ctx, residual, weight, bias):
+    ctx.has_residual = residual is not None
+    ctx.has_weight = weight is not None
+    ctx.has_bias = bias is not None
+
+
+def _train_setup_context(ctx, inputs, output):
+    input, residual, weight, bias, eps = inputs
+    out, mean, invstd = output
+    ctx.mark_non_differentiable(mean, invstd)
+    ctx.save_for_backward(out, input, mean, invstd, weight)
+    _remember_which_grads(ctx, residual, weight, bias)
+    ctx.training = True
+
+
+def _eval_setup_context(ctx, inputs, output):
+    input, residual, running_mean, running_var, weight, bias, eps = inputs
+    invstd = torch.rsqrt(running_var.to(_stats_dtype(input)) + eps)
+    ctx.save_for_backward(output, input, running_mean.to(_stats_dtype(input)), invstd, weight)
+    _remember_which_grads(ctx, residual, weight, bias)
+    ctx.training = False
+
+
+def _backward(ctx, grad_out: Tensor, *unused_stat_grads) -> Tuple[Optional[Tensor], ...]:
+    out, input, mean, invstd, weight = ctx.saved_tensors
+    grad_input, grad_residual, grad_weight, grad_bias = _ops.bn_add_relu_backward(
+        grad_out, out, input, mean, invstd, weight, ctx.training, ctx.has_residual)
+    grads = (grad_input, grad_residual if ctx.has_residual else None,
+             grad_weight if ctx.has_weight else None, grad_bias if ctx.has_bias else None)
+    if ctx.training:
+        return grads + (None,)  # eps
+    return grads[:2] + (None, None) + grads[2:] + (None,)  # running_mean, running_var, ..., eps
+
+
+torch.library.register_autograd("resnet_deploy::bn_add_relu_train", _backward, setup_context=_train_setup_context)
+torch.library.register_autograd("resnet_deploy::bn_add_relu_eval", _backward, setup_context=_eval_setup_context)

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 
 #if defined(__CUDACC__)
 #define RD_HOST_DEVICE __host__ __device__ __forceinline__
@@ -11,6 +12,15 @@
 #endif
 
 namespace resnet_deploy {
+
+// Shape of the kernels' iteration: NCHW walks N*C planes of HW; channels_last walks N*HW rows of C.
+struct Geometry {
+  int64_t batch;
+  int64_t channels;
+  int64_t plane;  // H * W
+  bool channels_last;
+  RD_HOST_DEVICE int64_t per_channel() const { return batch * plane; }
+};
 
 // invstd = 1 / sqrt(var + eps), with a variance that rounding pushed below zero clamped to zero.
 template <typename acc_t>

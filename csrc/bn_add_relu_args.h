@@ -5,6 +5,8 @@
 #include <ATen/ATen.h>
 #include <optional>
 
+#include "bn_add_relu.h"
+
 namespace resnet_deploy {
 
 // The two layouts the kernels walk; any other strides are copied into NCHW first.
@@ -66,15 +68,6 @@ inline at::Tensor channel_vector(const std::optional<at::Tensor>& param, const a
   }
   return at::full({input.size(1)}, fill, input.options().dtype(stats_dtype(input)));
 }
-
-// Shape of the kernels' iteration: NCHW walks N*C planes of HW; channels_last walks N*HW rows of C.
-struct Geometry {
-  int64_t batch;
-  int64_t channels;
-  int64_t plane;  // H * W
-  bool channels_last;
-  int64_t per_channel() const { return batch * plane; }
-};
 
 inline Geometry geometry(const at::Tensor& input, at::MemoryFormat format) {
   return {input.size(0), input.size(1), input.size(2) * input.size(3), format == at::MemoryFormat::ChannelsLast};

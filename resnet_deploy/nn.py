@@ -36,11 +36,14 @@ class BatchNormAddReLU2d(nn.Module):
         self.num_batches_tracked.zero_()
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        momentum = 0.0 if self.momentum is None else self.momentum
         if self.training:
             self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average, as nn.BatchNorm2d
-                momentum = 1.0 / float(self.num_batches_tracked.item())
+        momentum_or_none = self.momentum  # a local, so TorchScript can refine Optional[float]
+        momentum = 0.0
+        if momentum_or_none is not None:
+            momentum = momentum_or_none
+        elif self.training:  # cumulative moving average, as nn.BatchNorm2d
+            momentum = 1.0 / float(self.num_batches_tracked.item())
         return batch_norm_add_relu(x, residual, self.running_mean, self.running_var, self.weight, self.bias,
                                    self.training, momentum, self.eps)
 

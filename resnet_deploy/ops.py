@@ -102,8 +102,9 @@ def _train_setup_context(ctx, inputs, output):
 
 def _eval_setup_context(ctx, inputs, output):
     input, residual, running_mean, running_var, weight, bias, eps = inputs
-    invstd = torch.rsqrt(running_var.to(_stats_dtype(input)) + eps)
-    ctx.save_for_backward(output, input, running_mean.to(_stats_dtype(input)), invstd, weight)
+    # The backward operator takes the statistics in any floating dtype.
+    invstd = torch.rsqrt(running_var + eps)
+    ctx.save_for_backward(output, input, running_mean, invstd, weight)
     _remember_which_grads(ctx, residual, weight, bias)
     ctx.training = False
 

@@ -1,0 +1,260 @@
+"""The fused operator against the unfused PyTorch expression relu(batch_norm(x) + residual)."""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import resnet_deploy
+from resnet_deploy import _library
+from resnet_deploy.ops import batch_norm_add_relu
+
+OPS = torch.ops.resnet_deploy
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here"))
+DEVICES = ["cpu", CUDA]
+FORMATS = [torch.contiguous_format, torch.channels_last]
+
+# Odd shapes on purpose: C not a multiple of 8, 1x1 planes, N = 1, non-square planes.
+SHAPES = [(2, 3, 5, 7), (4, 13, 1, 1), (1, 13, 1, 1), (3, 17, 9, 11), (8, 64, 6, 6), (2, 5, 3, 1), (1, 9, 4, 4)]
+
+
+def _tolerances(dtype):
+    return {torch.float64: (1e-10, 1e-10), torch.float32: (1e-4, 1e-5), torch.bfloat16: (3e-2, 3e-2),
+            torch.float16: (5e-3, 5e-3)}[dtype]
+
+
+def sample_inputs(shape, device, dtype, memory_format, with_residual, requires_grad=True, seed=0):
+    """Input, residual, running stats and affine parameters as BatchNorm2d would hold them."""
+    generator = torch.Generator().manual_seed(seed)
+    channels = shape[1]
+    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def tensor(*size, dtype=dtype, scale=1.0, offset=0.0):
+        return (torch.randn(*size, generator=generator, dtype=torch.float64) * scale + offset).to(device, dtype)
+
+    x = tensor(*shape, scale=2.0, offset=0.5).contiguous(memory_format=memory_format).requires_grad_(requires_grad)
+    residual = None
+    if with_residual:
+        residual = tensor(*shape).contiguous(memory_format=memory_format).requires_grad_(requires_grad)
+    return {
+        "input": x,
+        "residual": residual,
+        "running_mean": tensor(channels, dtype=param_dtype, scale=0.1),
+        "running_var": tensor(channels, dtype=param_dtype).abs() + 0.5,
+        "weight": tensor(channels, dtype=param_dtype, offset=1.0).requires_grad_(requires_grad),
+        "bias": tensor(channels, dtype=param_dtype).requires_grad_(requires_grad),
+    }
+
+
+def reference(s, training, momentum=0.1, eps=1e-5, compute_dtype=None):
+    """The unfused expression, optionally computed in a wider dtype."""
+    def cast(t):
+        return t if t is None or compute_dtype is None else t.to(compute_dtype)
+
+    y = F.batch_norm(cast(s["input"]), s["running_mean"], s["running_var"], cast(s["weight"]), cast(s["bias"]),
+                     training, momentum, eps)
+    if s["residual"] is not None:
+        y = y + cast(s["residual"])
+    return F.relu(y)
+
+
+def fused(s, training, momentum=0.1, eps=1e-5):
+    return batch_norm_add_relu(s["input"], s["residual"], s["running_mean"], s["running_var"], s["weight"],
+                               s["bias"], training, momentum, eps)
+
+
+def differentiable(s):
+    return [s[k] for k in ("input", "residual", "weight", "bias") if s[k] is not None]
+
+
+def clone_sample(s):
+    """Independent leaves with the same values, so reference and fused op get their own gradients."""
+    return {k: None if v is None else v.detach().clone(memory_format=torch.preserve_format).requires_grad_(v.requires_grad)
+            for k, v in s.items()}
+
+
+CASES = [(shape, fmt, res, training) for shape in SHAPES for fmt in FORMATS for res in (True, False)
+         for training in (True, False) if not (training and shape[0] * shape[2] * shape[3] == 1)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape,memory_format,with_residual,training", CASES)
+def test_matches_unfused_expression(device, dtype, shape, memory_format, with_residual, training):
+    s_fused = sample_inputs(shape, device, dtype, memory_format, with_residual)
+    s_ref = clone_sample(s_fused)
+    # Low-precision inputs are compared with the expression computed in float32 on the same values.
+    compute = torch.float32 if dtype in (torch.bfloat16, torch.float16) else None
+
+    out = fused(s_fused, training)
+    expected = reference(s_ref, training, compute_dtype=compute)
+    rtol, atol = _tolerances(dtype)
+    assert out.dtype == dtype and out.shape == expected.shape
+    assert out.is_contiguous(memory_format=memory_format)
+    torch.testing.assert_close(out.float(), expected.float(), rtol=rtol, atol=atol)
+
+    grad = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
+    got = torch.autograd.grad(out, differentiable(s_fused), grad.to(out.dtype))
+    want = torch.autograd.grad(expected, differentiable(s_ref), grad.to(expected.dtype))
+    grad_atol = atol * 10 if compute is not None else atol
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.float(), w.float(), rtol=rtol, atol=grad_atol * max(1.0, w.abs().max().item()))
+
+    # Running statistics: updated in training (unbiased variance), untouched in eval.
+    torch.testing.assert_close(s_fused["running_mean"], s_ref["running_mean"], rtol=rtol, atol=atol)
+    torch.testing.assert_close(s_fused["running_var"], s_ref["running_var"], rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("memory_format", FORMATS)
+def test_gradcheck(training, with_residual, memory_format):
+    s = sample_inputs((3, 4, 3, 5), "cpu", torch.float64, memory_format, with_residual)
+
+    def fn(x, *rest):
+        residual = rest[0] if with_residual else None
+        weight, bias = rest[-2:]
+        # Fresh running stats each call: gradcheck calls fn many times.
+        return batch_norm_add_relu(x, residual, s["running_mean"].clone(), s["running_var"].clone(), weight, bias,
+                                   training)
+
+    assert torch.autograd.gradcheck(fn, differentiable(s), eps=1e-6, atol=1e-5)
+
+
+def test_momentum_and_missing_running_stats_in_training():
+    s = sample_inputs((4, 6, 3, 3), "cpu", torch.float64, torch.contiguous_format, True)
+    ref = clone_sample(s)
+    fused_out = batch_norm_add_relu(s["input"], s["residual"], None, None, s["weight"], s["bias"], True)
+    expected = F.relu(F.batch_norm(ref["input"], None, None, ref["weight"], ref["bias"], True) + ref["residual"])
+    torch.testing.assert_close(fused_out, expected)
+    # Without affine parameters, as BatchNorm2d(affine=False).
+    out = batch_norm_add_relu(s["input"], None, s["running_mean"], s["running_var"], None, None, True, 0.3)
+    expected = F.relu(F.batch_norm(ref["input"], ref["running_mean"], ref["running_var"], None, None, True, 0.3))
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(s["running_var"], ref["running_var"])
+
+
+def test_nan_propagates_like_relu():
+    s = sample_inputs((2, 3, 2, 2), "cpu", torch.float32, torch.contiguous_format, True, requires_grad=False)
+    s["residual"][0, 1, 0, 0] = float("nan")
+    out = fused(s, training=False)
+    assert torch.isnan(out[0, 1, 0, 0]) and torch.isfinite(out).sum() == out.numel() - 1
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("memory_format", FORMATS)
+def test_opcheck(training, memory_format):
+    s = sample_inputs((3, 5, 4, 3), "cpu", torch.float32, memory_format, True)
+    if training:
+        args = (s["input"], s["residual"], s["weight"], s["bias"], 1e-5)
+        torch.library.opcheck(OPS.bn_add_relu_train, args)
+        args_no_res = (s["input"], None, s["weight"], None, 1e-5)
+        torch.library.opcheck(OPS.bn_add_relu_train, args_no_res)
+    else:
+        args = (s["input"], s["residual"], s["running_mean"], s["running_var"], s["weight"], s["bias"], 1e-5)
+        torch.library.opcheck(OPS.bn_add_relu_eval, args)
+    detached = {k: None if v is None else v.detach() for k, v in s.items()}
+    out, mean, invstd = OPS.bn_add_relu_train(detached["input"], detached["residual"], detached["weight"],
+                                              detached["bias"], 1e-5)
+    grad = torch.randn_like(out)
+    for residual_grad in (True, False):
+        torch.library.opcheck(OPS.bn_add_relu_backward, (grad, out, detached["input"], mean, invstd,
+                                                         detached["weight"], training, residual_grad))
+
+
+def test_torch_compile_fullgraph():
+    s = sample_inputs((4, 6, 5, 5), "cpu", torch.float32, torch.channels_last, True)
+    ref = clone_sample(s)
+
+    def block(x, residual, running_mean, running_var, weight, bias):
+        return batch_norm_add_relu(x * 2, residual, running_mean, running_var, weight, bias, True)
+
+    compiled = torch.compile(block, fullgraph=True)
+    out = compiled(s["input"], s["residual"], s["running_mean"], s["running_var"], s["weight"], s["bias"])
+    expected = F.relu(F.batch_norm(ref["input"] * 2, ref["running_mean"], ref["running_var"], ref["weight"],
+                                   ref["bias"], True) + ref["residual"])
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    out.sum().backward()
+    expected.sum().backward()
+    torch.testing.assert_close(s["weight"].grad, ref["weight"].grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(s["running_var"], ref["running_var"])
+
+
+def test_large_offset_statistics_are_stable():
+    """A channel far from zero (mean 1000, std 0.01) must not lose its variance to cancellation."""
+    x = (torch.randn(16, 3, 8, 8, dtype=torch.float64) * 0.01 + 1000).float()
+    _, mean, invstd = OPS.bn_add_relu_train(x, None, None, None, 1e-5)
+    exact = x.double()
+    torch.testing.assert_close(mean.double(), exact.mean(dim=(0, 2, 3)), rtol=1e-7, atol=0)
+    exact_invstd = torch.rsqrt(exact.var(dim=(0, 2, 3), unbiased=False) + 1e-5)
+    torch.testing.assert_close(invstd.double(), exact_invstd, rtol=1e-5, atol=0)
+
+
+# ---- errors a caller can make: one sentence that says what was wrong and what was expected ----
+
+def _good():
+    return sample_inputs((2, 4, 3, 3), "cpu", torch.float32, torch.contiguous_format, True, requires_grad=False)
+
+
+@pytest.mark.parametrize("change,error,message", [
+    (lambda s: s.update(input=s["input"][0]), ValueError, r"expected a 4-D input \(N, C, H, W\), got a 3-D tensor"),
+    (lambda s: s.update(residual=s["residual"][:, :, :2]), ValueError, r"residual must have the input's shape"),
+    (lambda s: s.update(weight=torch.ones(3)), ValueError, r"weight must have one value per channel \(shape \[4\]\)"),
+    (lambda s: s.update(running_var=torch.ones(5)), ValueError, r"running_var must have one value per channel"),
+    (lambda s: s.update(input=s["input"].to(torch.int32), residual=None), TypeError,
+     r"expected a floating-point input .* got Int"),
+    (lambda s: s.update(residual=s["residual"].double()), TypeError, r"residual must have the input's dtype Float"),
+    (lambda s: s.update(residual=s["residual"].to("meta")), ValueError,
+     r"all tensors must be on the input's device cpu, got one on meta"),
+])
+def test_bad_input_is_refused_clearly(change, error, message):
+    s = _good()
+    change(s)
+    with pytest.raises(error, match=message):
+        fused(s, training=False)
+
+
+def test_training_needs_more_than_one_value_per_channel():
+    s = sample_inputs((1, 4, 1, 1), "cpu", torch.float32, torch.contiguous_format, True, requires_grad=False)
+    with pytest.raises(ValueError, match=r"expected more than 1 value per channel when training, got input of shape "
+                                         r"\[1, 4, 1, 1\]"):
+        fused(s, training=True)
+    fused(s, training=False)  # eval with one value per channel is fine
+
+
+def test_eval_needs_running_stats():
+    s = _good()
+    with pytest.raises(ValueError, match="eval mode .* needs running_mean and running_var"):
+        batch_norm_add_relu(s["input"], None, None, None, s["weight"], s["bias"], False)
+
+
+# ---- build and registration ----
+
+def test_operators_registered_for_cpu_and_autograd():
+    for name in ("bn_add_relu_train", "bn_add_relu_eval", "bn_add_relu_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"resnet_deploy::{name}", "CPU")
+    for name in ("bn_add_relu_train", "bn_add_relu_eval"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"resnet_deploy::{name}", "Autograd")
+
+
+@pytest.mark.skipif(not _library.build_info()["cuda"], reason="the library was built without CUDA")
+def test_operators_registered_for_cuda():
+    for name in ("bn_add_relu_train", "bn_add_relu_eval", "bn_add_relu_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"resnet_deploy::{name}", "CUDA")
+
+
+def test_build_info_names_this_torch():
+    info = _library.build_info()
+    assert info["torch"] == torch.__version__
+    assert resnet_deploy._C.__file__ == info["path"]
+
+
+def test_random_shapes_sweep():
+    """A seeded sweep over shapes the fixed list does not name, float32, both layouts, training."""
+    rng = random.Random(7)
+    for _ in range(6):
+        shape = (rng.randint(2, 9), rng.randint(1, 40), rng.randint(1, 13), rng.randint(1, 13))
+        fmt = rng.choice(FORMATS)
+        s = sample_inputs(shape, "cpu", torch.float32, fmt, rng.random() < 0.5, seed=rng.randint(0, 999))
+        ref = clone_sample(s)
+        torch.testing.assert_close(fused(s, True), reference(ref, True), rtol=1e-4, atol=1e-5)

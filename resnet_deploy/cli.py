@@ -1,0 +1,110 @@
+"""The `resnet-deploy` command: one subcommand per stage of the pipeline.
+
+Each subcommand is an add_<name>_parser(subparsers) function that declares its flags and sets a handler;
+a handler takes the parsed arguments and does the work, importing its stage's module only when it runs.
+Errors a user can cause (ValueError, OSError) are printed as one line, without a traceback, and exit 1;
+RESNET_DEPLOY_DEBUG=1 shows the traceback.
+"""
+import argparse
+import os
+import platform
+import sys
+from typing import List, Optional
+
+import torch
+
+import resnet_deploy
+
+
+# ------------------------------------------------------------------------------------------------- info
+def add_info_parser(subparsers) -> None:
+    parser = subparsers.add_parser("info", help="versions and how the operator library was built")
+    parser.set_defaults(handler=run_info)
+
+
+def run_info(args: argparse.Namespace) -> None:
+    from resnet_deploy import _library
+
+    import torchvision
+
+    print(f"resnet_deploy {resnet_deploy.__version__}")
+    print(f"python {platform.python_version()}")
+    print(f"torch {torch.__version__} (CUDA {torch.version.cuda}, CUDA available: {torch.cuda.is_available()}, "
+          f"{torch.get_num_threads()} threads)")
+    print(f"torchvision {torchvision.__version__}")
+    for key, value in _library.build_info().items():
+        print(f"operator library {key}: {value}")
+
+
+# ------------------------------------------------------------------------------------------------ train
+def add_train_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train", help="train the ResNet on Fashion-MNIST (also under torchrun)",
+        description="Train the d2l ResNet on Fashion-MNIST. A preset sets every knob; any flag overrides it. "
+                    "Under `torchrun --nproc_per_node=N` it trains with DistributedDataParallel.")
+    # default=None throughout: a flag the user did not give leaves the preset's value.
+    add = parser.add_argument
+    bool_flag = argparse.BooleanOptionalAction
+    add("--preset", choices=["quick", "d2l"], default="quick",
+        help="quick: 28x28, 5 epochs, one-cycle SGD (minutes on 2 cores); d2l: the chapter's 96x96 recipe")
+    add("--out", help="run directory for checkpoint.pt, metrics.json and curves.png (default: runs/<preset>)")
+    add("--resume", action="store_true", default=None, help="continue the run in --out from its last checkpoint")
+    add("--data-dir", help="directory with the Fashion-MNIST idx files (then $RESNET_DEPLOY_DATA, the system "
+                           "dataset, a download)")
+    add("--download", action=bool_flag, help="allow a torchvision download when no local copy is found")
+    add("--arch", choices=["resnet18", "resnet34"])
+    add("--fused", action=bool_flag, help="use the fused BatchNorm+add+ReLU operator (default) or plain PyTorch")
+    add("--image-size", type=int, help="images are resized to this height and width")
+    add("--epochs", type=int)
+    add("--batch-size", type=int, help="per process")
+    add("--optimizer", choices=["sgd", "adamw"])
+    add("--lr", type=float, help="learning rate (the peak under --schedule onecycle)")
+    add("--momentum", type=float)
+    add("--nesterov", action=bool_flag)
+    add("--weight-decay", type=float)
+    add("--schedule", choices=["onecycle", "constant"])
+    add("--label-smoothing", type=float)
+    add("--augment", action=bool_flag, help="random crop with 2-pixel padding and horizontal flip")
+    add("--seed", type=int)
+    add("--threads", type=int, help="torch threads per process (default: available cores / local processes)")
+    add("--progress", action=bool_flag, help="show a progress bar")
+    parser.set_defaults(handler=run_train)
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from resnet_deploy.train import TrainConfig, config_fields, train
+
+    given = {name: value for name, value in vars(args).items()
+             if name in config_fields() and name != "preset" and value is not None}
+    train(TrainConfig.from_preset(args.preset, **given), given=given)
+
+
+# ------------------------------------------------------------------------------------------------- main
+PARSERS = [add_info_parser, add_train_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="resnet-deploy", description=resnet_deploy.__doc__)
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_parser in PARSERS:
+        add_parser(subparsers)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except (ValueError, OSError) as error:
+        if os.environ.get("RESNET_DEPLOY_DEBUG"):
+            raise
+        print(f"resnet-deploy {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"resnet-deploy {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,6 +1,8 @@
 """Finds and loads the compiled operator library; one clear error if it is missing."""
 import importlib
 
+import torch  # noqa: F401  (loads libtorch, which the compiled library links against)
+
 BUILD_HINT = (
     "the compiled operator library resnet_deploy._C is missing or does not load ({error}); "
     "build it with `make build` (or `pip install --no-build-isolation -e .` in an environment with torch==2.14.1)"

@@ -1,6 +1,6 @@
 // CPU kernels of the fused BatchNorm + residual add + ReLU. Two passes forward in training (statistics,
 // then normalize-add-relu), two passes backward (reduction, then elementwise); each walks NCHW planes or
-// channels_last rows directly, multi-threaded with at::parallel_for, inner loops vectorized.
+// channels_last rows directly, multi-threaded with at::parallel_for, inner loops vectorized per ISA.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -16,58 +16,175 @@
 namespace resnet_deploy {
 namespace {
 
+// ---- Inner loops ----
+// Each walks one NCHW plane (a span of one channel) or a block of channels_last rows (every channel), with no
+// calls or structs in the loop body so that it vectorizes. RD_CPU_CLONES compiles each loop for AVX-512, for
+// AVX2 and for the baseline, and the loader picks the best the CPU has: one build runs everywhere.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define RD_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define RD_CPU_CLONES
+#endif
+
+// *sum += sum(x - shift), *sum_sq += sum((x - shift)^2) over n contiguous values.
+template <typename scalar_t, typename acc_t>
+RD_CPU_CLONES void span_shifted_sums(const scalar_t* __restrict__ x, int64_t n, acc_t shift, acc_t* sum, acc_t* sum_sq) {
+  acc_t s = 0, ss = 0;
+#pragma omp simd reduction(+ : s, ss)
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t d = static_cast<acc_t>(x[i]) - shift;
+    s += d;
+    ss += d * d;
+  }
+  *sum += s;
+  *sum_sq += ss;
+}
+
+template <typename scalar_t, typename acc_t>
+RD_CPU_CLONES void rows_shifted_sums(const scalar_t* __restrict__ x, int64_t rows, int64_t channels,
+                                     const acc_t* __restrict__ shift, acc_t* __restrict__ sum,
+                                     acc_t* __restrict__ sum_sq) {
+  for (int64_t row = 0; row < rows; ++row) {
+    const scalar_t* __restrict__ xr = x + row * channels;
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c) {
+      const acc_t d = static_cast<acc_t>(xr[c]) - shift[c];
+      sum[c] += d;
+      sum_sq[c] += d * d;
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t, bool kResidual>
+RD_CPU_CLONES void span_forward(const scalar_t* __restrict__ x, const scalar_t* __restrict__ residual,
+                                scalar_t* __restrict__ y, int64_t n, acc_t scale, acc_t shift) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t r = kResidual ? static_cast<acc_t>(residual[i]) : acc_t(0);
+    y[i] = static_cast<scalar_t>(bn_add_relu_forward(static_cast<acc_t>(x[i]), r, scale, shift));
+  }
+}
+
+template <typename scalar_t, typename acc_t, bool kResidual>
+RD_CPU_CLONES void rows_forward(const scalar_t* __restrict__ x, const scalar_t* __restrict__ residual,
+                                scalar_t* __restrict__ y, int64_t rows, int64_t channels,
+                                const acc_t* __restrict__ scale, const acc_t* __restrict__ shift) {
+  for (int64_t row = 0; row < rows; ++row) {
+    const int64_t base = row * channels;
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c) {
+      const acc_t r = kResidual ? static_cast<acc_t>(residual[base + c]) : acc_t(0);
+      y[base + c] = static_cast<scalar_t>(bn_add_relu_forward(static_cast<acc_t>(x[base + c]), r, scale[c], shift[c]));
+    }
+  }
+}
+
+// *sum_dz += sum(dz), *sum_dz_xmu += sum(dz * (x - mean)), with dz the gradient behind the ReLU.
+template <typename scalar_t, typename acc_t>
+RD_CPU_CLONES void span_backward_sums(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ out,
+                                      const scalar_t* __restrict__ x, int64_t n, acc_t mean, acc_t* sum_dz,
+                                      acc_t* sum_dz_xmu) {
+  acc_t s0 = 0, s1 = 0;
+#pragma omp simd reduction(+ : s0, s1)
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t dz = relu_backward(static_cast<acc_t>(grad_out[i]), static_cast<acc_t>(out[i]));
+    s0 += dz;
+    s1 += dz * (static_cast<acc_t>(x[i]) - mean);
+  }
+  *sum_dz += s0;
+  *sum_dz_xmu += s1;
+}
+
+template <typename scalar_t, typename acc_t>
+RD_CPU_CLONES void rows_backward_sums(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ out,
+                                      const scalar_t* __restrict__ x, int64_t rows, int64_t channels,
+                                      const acc_t* __restrict__ mean, acc_t* __restrict__ sum_dz,
+                                      acc_t* __restrict__ sum_dz_xmu) {
+  for (int64_t row = 0; row < rows; ++row) {
+    const int64_t base = row * channels;
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c) {
+      const acc_t dz = relu_backward(static_cast<acc_t>(grad_out[base + c]), static_cast<acc_t>(out[base + c]));
+      sum_dz[c] += dz;
+      sum_dz_xmu[c] += dz * (static_cast<acc_t>(x[base + c]) - mean[c]);
+    }
+  }
+}
+
+// dx = a * dz + b * x + c (see input_grad_coeffs), and dresidual = dz.
+template <typename scalar_t, typename acc_t, bool kResidual>
+RD_CPU_CLONES void span_backward_apply(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ out,
+                                       const scalar_t* __restrict__ x, scalar_t* __restrict__ grad_input,
+                                       scalar_t* __restrict__ grad_residual, int64_t n, acc_t a, acc_t b, acc_t c) {
+  const InputGradCoeffs<acc_t> k{a, b, c};
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t dz = relu_backward(static_cast<acc_t>(grad_out[i]), static_cast<acc_t>(out[i]));
+    grad_input[i] = static_cast<scalar_t>(bn_input_grad(dz, static_cast<acc_t>(x[i]), k));
+    if (kResidual) grad_residual[i] = static_cast<scalar_t>(dz);
+  }
+}
+
+template <typename scalar_t, typename acc_t, bool kResidual>
+RD_CPU_CLONES void rows_backward_apply(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ out,
+                                       const scalar_t* __restrict__ x, scalar_t* __restrict__ grad_input,
+                                       scalar_t* __restrict__ grad_residual, int64_t rows, int64_t channels,
+                                       const acc_t* __restrict__ ka, const acc_t* __restrict__ kb,
+                                       const acc_t* __restrict__ kc) {
+  for (int64_t row = 0; row < rows; ++row) {
+    const int64_t base = row * channels;
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c) {
+      const acc_t dz = relu_backward(static_cast<acc_t>(grad_out[base + c]), static_cast<acc_t>(out[base + c]));
+      grad_input[base + c] =
+          static_cast<scalar_t>(bn_input_grad(dz, static_cast<acc_t>(x[base + c]), {ka[c], kb[c], kc[c]}));
+      if (kResidual) grad_residual[base + c] = static_cast<scalar_t>(dz);
+    }
+  }
+}
+
+// ---- Parallel drivers ----
+
 // Work below this many elements per task is not worth a thread hand-off.
 constexpr int64_t kElementsPerTask = 32768;
+// channels_last partial sums stay in acc_t for this many rows, then move into double.
+constexpr int64_t kRowsPerPartialSum = 64;
 
-template <typename acc_t>
-struct TermPair {
-  acc_t first;
-  acc_t second;
-};
-
-// sum0[c], sum1[c] = sums of term(i, c).first / .second over every element i of channel c, in double.
-template <typename acc_t, typename Term>
-void sum_per_channel(const Geometry& g, const Term& term, std::vector<double>& sum0, std::vector<double>& sum1) {
+// Two sums per channel, in double. add_span(offset, n, c, &s0, &s1) adds one NCHW plane of channel c;
+// add_rows(offset, rows, s0[], s1[]) adds a block of channels_last rows into per-channel acc_t arrays.
+template <typename acc_t, typename AddSpan, typename AddRows>
+void channel_sums(const Geometry& g, const AddSpan& add_span, const AddRows& add_rows, std::vector<double>& sum0,
+                  std::vector<double>& sum1) {
   const int64_t channels = g.channels;
   sum0.assign(channels, 0.0);
   sum1.assign(channels, 0.0);
   if (!g.channels_last) {
     at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        double s0 = 0, s1 = 0;
         for (int64_t n = 0; n < g.batch; ++n) {
-          const int64_t base = (n * channels + c) * g.plane;
-          acc_t p0 = 0, p1 = 0;  // one plane in acc_t lanes, then into double
-#pragma omp simd reduction(+ : p0, p1)
-          for (int64_t i = 0; i < g.plane; ++i) {
-            const TermPair<acc_t> t = term(base + i, c);
-            p0 += t.first;
-            p1 += t.second;
-          }
-          s0 += p0;
-          s1 += p1;
+          acc_t s0 = 0, s1 = 0;  // one plane in acc_t, then into double
+          add_span((n * channels + c) * g.plane, g.plane, c, &s0, &s1);
+          sum0[c] += s0;
+          sum1[c] += s1;
         }
-        sum0[c] = s0;
-        sum1[c] = s1;
       }
     });
     return;
   }
-  // channels_last: every thread adds whole rows of C values into partial sums of its own.
-  const int64_t rows = g.batch * g.plane;
   const int threads = at::get_num_threads();
   std::vector<double> partial(2 * threads * channels, 0.0);
   const int64_t grain = std::max<int64_t>(1, kElementsPerTask / channels);
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.batch * g.plane, grain, [&](int64_t begin, int64_t end) {
     double* p0 = partial.data() + 2 * at::get_thread_num() * channels;
     double* p1 = p0 + channels;
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t base = row * channels;
-#pragma omp simd
+    std::vector<acc_t> block0(channels), block1(channels);
+    for (int64_t row = begin; row < end; row += kRowsPerPartialSum) {
+      std::fill(block0.begin(), block0.end(), acc_t(0));
+      std::fill(block1.begin(), block1.end(), acc_t(0));
+      add_rows(row * channels, std::min(kRowsPerPartialSum, end - row), block0.data(), block1.data());
       for (int64_t c = 0; c < channels; ++c) {
-        const TermPair<acc_t> t = term(base + c, c);
-        p0[c] += t.first;
-        p1[c] += t.second;
+        p0[c] += block0[c];
+        p1[c] += block1[c];
       }
     }
   });
@@ -79,46 +196,40 @@ void sum_per_channel(const Geometry& g, const Term& term, std::vector<double>& s
   }
 }
 
-// out[i] = op(i, c) over every element i of channel c, in memory order.
-template <typename ElementOp>
-void for_each_element(const Geometry& g, const ElementOp& op) {
+// Elementwise work in memory order: apply_span(offset, n, c) for NCHW planes, apply_rows(offset, rows) for
+// blocks of channels_last rows.
+template <typename ApplySpan, typename ApplyRows>
+void elementwise(const Geometry& g, const ApplySpan& apply_span, const ApplyRows& apply_rows) {
   const int64_t channels = g.channels;
   if (!g.channels_last) {
     const int64_t grain = std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, g.plane));
     at::parallel_for(0, g.batch * channels, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        const int64_t c = p % channels;
-        const int64_t base = p * g.plane;
-#pragma omp simd
-        for (int64_t i = 0; i < g.plane; ++i) op(base + i, c);
-      }
+      for (int64_t p = begin; p < end; ++p) apply_span(p * g.plane, g.plane, p % channels);
     });
     return;
   }
   const int64_t grain = std::max<int64_t>(1, kElementsPerTask / channels);
-  at::parallel_for(0, g.batch * g.plane, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t base = row * channels;
-#pragma omp simd
-      for (int64_t c = 0; c < channels; ++c) op(base + c, c);
-    }
-  });
+  at::parallel_for(0, g.batch * g.plane, grain,
+                   [&](int64_t begin, int64_t end) { apply_rows(begin * channels, end - begin); });
 }
+
+// ---- Passes ----
 
 // Batch mean and inverse std of every channel, from sums shifted by the channel's first value.
 template <typename scalar_t, typename acc_t>
-void batch_stats(const Geometry& g, const scalar_t* __restrict__ x, acc_t* mean, acc_t* invstd, double eps) {
+void batch_stats(const Geometry& g, const scalar_t* x, acc_t* mean, acc_t* invstd, double eps) {
   std::vector<acc_t> shift(g.channels);
   for (int64_t c = 0; c < g.channels; ++c) {
     shift[c] = static_cast<acc_t>(x[g.channels_last ? c : c * g.plane]);
   }
-  const acc_t* __restrict__ shift_ptr = shift.data();
   std::vector<double> sum, sum_sq;
-  sum_per_channel<acc_t>(
+  channel_sums<acc_t>(
       g,
-      [=](int64_t i, int64_t c) {
-        const acc_t d = static_cast<acc_t>(x[i]) - shift_ptr[c];
-        return TermPair<acc_t>{d, d * d};
+      [&](int64_t offset, int64_t n, int64_t c, acc_t* s, acc_t* ss) {
+        span_shifted_sums<scalar_t, acc_t>(x + offset, n, shift[c], s, ss);
+      },
+      [&](int64_t offset, int64_t rows, acc_t* s, acc_t* ss) {
+        rows_shifted_sums<scalar_t, acc_t>(x + offset, rows, g.channels, shift.data(), s, ss);
       },
       sum, sum_sq);
   for (int64_t c = 0; c < g.channels; ++c) {
@@ -126,6 +237,21 @@ void batch_stats(const Geometry& g, const scalar_t* __restrict__ x, acc_t* mean,
     mean[c] = mv.mean;
     invstd[c] = inverse_std<acc_t>(mv.var, eps);
   }
+}
+
+template <typename scalar_t, typename acc_t, bool kResidual>
+void normalize_add_relu_pass(const Geometry& g, const scalar_t* x, const scalar_t* r, scalar_t* y,
+                             const std::vector<acc_t>& scale, const std::vector<acc_t>& shift) {
+  elementwise(
+      g,
+      [&](int64_t offset, int64_t n, int64_t c) {
+        span_forward<scalar_t, acc_t, kResidual>(x + offset, kResidual ? r + offset : nullptr, y + offset, n,
+                                                 scale[c], shift[c]);
+      },
+      [&](int64_t offset, int64_t rows) {
+        rows_forward<scalar_t, acc_t, kResidual>(x + offset, kResidual ? r + offset : nullptr, y + offset, rows,
+                                                 g.channels, scale.data(), shift.data());
+      });
 }
 
 // y = relu(x * scale[c] + shift[c] + residual).
@@ -140,21 +266,30 @@ void normalize_add_relu(const ForwardArgs& a, const acc_t* mean, const acc_t* in
     scale[c] = affine.scale;
     shift[c] = affine.shift;
   }
-  const acc_t* __restrict__ sc = scale.data();
-  const acc_t* __restrict__ sh = shift.data();
-  const scalar_t* __restrict__ x = a.input.data_ptr<scalar_t>();
-  scalar_t* __restrict__ y = out.data_ptr<scalar_t>();
+  const scalar_t* x = a.input.data_ptr<scalar_t>();
+  scalar_t* y = out.data_ptr<scalar_t>();
   if (a.residual.defined()) {
-    const scalar_t* __restrict__ r = a.residual.data_ptr<scalar_t>();
-    for_each_element(a.geom, [=](int64_t i, int64_t c) {
-      y[i] = static_cast<scalar_t>(
-          bn_add_relu_forward(static_cast<acc_t>(x[i]), static_cast<acc_t>(r[i]), sc[c], sh[c]));
-    });
+    normalize_add_relu_pass<scalar_t, acc_t, true>(a.geom, x, a.residual.data_ptr<scalar_t>(), y, scale, shift);
   } else {
-    for_each_element(a.geom, [=](int64_t i, int64_t c) {
-      y[i] = static_cast<scalar_t>(bn_add_relu_forward(static_cast<acc_t>(x[i]), acc_t(0), sc[c], sh[c]));
-    });
+    normalize_add_relu_pass<scalar_t, acc_t, false>(a.geom, x, nullptr, y, scale, shift);
   }
+}
+
+template <typename scalar_t, typename acc_t, bool kResidual>
+void backward_apply_pass(const Geometry& g, const scalar_t* gy, const scalar_t* y, const scalar_t* x, scalar_t* gx,
+                         scalar_t* gr, const std::vector<acc_t>& ka, const std::vector<acc_t>& kb,
+                         const std::vector<acc_t>& kc) {
+  elementwise(
+      g,
+      [&](int64_t offset, int64_t n, int64_t c) {
+        span_backward_apply<scalar_t, acc_t, kResidual>(gy + offset, y + offset, x + offset, gx + offset,
+                                                        kResidual ? gr + offset : nullptr, n, ka[c], kb[c], kc[c]);
+      },
+      [&](int64_t offset, int64_t rows) {
+        rows_backward_apply<scalar_t, acc_t, kResidual>(gy + offset, y + offset, x + offset, gx + offset,
+                                                        kResidual ? gr + offset : nullptr, rows, g.channels,
+                                                        ka.data(), kb.data(), kc.data());
+      });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_add_relu_train_cpu(const at::Tensor& input,
@@ -208,20 +343,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_backward_
   at::Tensor grad_bias = at::empty({channels}, a.mean.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "bn_add_relu_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* __restrict__ gy = a.grad_out.data_ptr<scalar_t>();
-    const scalar_t* __restrict__ y = a.out.data_ptr<scalar_t>();
-    const scalar_t* __restrict__ x = a.input.data_ptr<scalar_t>();
-    const acc_t* __restrict__ mu = a.mean.data_ptr<acc_t>();
+    const scalar_t* gy = a.grad_out.data_ptr<scalar_t>();
+    const scalar_t* y = a.out.data_ptr<scalar_t>();
+    const scalar_t* x = a.input.data_ptr<scalar_t>();
+    const acc_t* mu = a.mean.data_ptr<acc_t>();
     const acc_t* istd = a.invstd.data_ptr<acc_t>();
     const acc_t* w = a.weight.data_ptr<acc_t>();
 
     // Pass 1: per channel, sum(dz) and sum(dz * (x - mean)).
     std::vector<double> sum_dz, sum_dz_xmu;
-    sum_per_channel<acc_t>(
+    channel_sums<acc_t>(
         a.geom,
-        [=](int64_t i, int64_t c) {
-          const acc_t dz = relu_backward(static_cast<acc_t>(gy[i]), static_cast<acc_t>(y[i]));
-          return TermPair<acc_t>{dz, dz * (static_cast<acc_t>(x[i]) - mu[c])};
+        [&](int64_t offset, int64_t n, int64_t c, acc_t* s0, acc_t* s1) {
+          span_backward_sums<scalar_t, acc_t>(gy + offset, y + offset, x + offset, n, mu[c], s0, s1);
+        },
+        [&](int64_t offset, int64_t rows, acc_t* s0, acc_t* s1) {
+          rows_backward_sums<scalar_t, acc_t>(gy + offset, y + offset, x + offset, rows, channels, mu, s0, s1);
         },
         sum_dz, sum_dz_xmu);
 
@@ -240,22 +377,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_backward_
     }
 
     // Pass 2: dx = a * dz + b * x + c, and dresidual = dz.
-    const acc_t* __restrict__ pa = ka.data();
-    const acc_t* __restrict__ pb = kb.data();
-    const acc_t* __restrict__ pc = kc.data();
-    scalar_t* __restrict__ gx = grad_input.data_ptr<scalar_t>();
+    scalar_t* gx = grad_input.data_ptr<scalar_t>();
     if (residual_grad) {
-      scalar_t* __restrict__ gr = grad_residual.data_ptr<scalar_t>();
-      for_each_element(a.geom, [=](int64_t i, int64_t c) {
-        const acc_t dz = relu_backward(static_cast<acc_t>(gy[i]), static_cast<acc_t>(y[i]));
-        gx[i] = static_cast<scalar_t>(bn_input_grad(dz, static_cast<acc_t>(x[i]), {pa[c], pb[c], pc[c]}));
-        gr[i] = static_cast<scalar_t>(dz);
-      });
+      backward_apply_pass<scalar_t, acc_t, true>(a.geom, gy, y, x, gx, grad_residual.data_ptr<scalar_t>(), ka, kb, kc);
     } else {
-      for_each_element(a.geom, [=](int64_t i, int64_t c) {
-        const acc_t dz = relu_backward(static_cast<acc_t>(gy[i]), static_cast<acc_t>(y[i]));
-        gx[i] = static_cast<scalar_t>(bn_input_grad(dz, static_cast<acc_t>(x[i]), {pa[c], pb[c], pc[c]}));
-      });
+      backward_apply_pass<scalar_t, acc_t, false>(a.geom, gy, y, x, gx, nullptr, ka, kb, kc);
     }
   });
   const auto param_dtype = param_grad_dtype(input, weight);

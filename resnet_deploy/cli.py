@@ -14,6 +14,7 @@ from typing import List, Optional
 import torch
 
 import resnet_deploy
+from resnet_deploy import export
 
 
 # ------------------------------------------------------------------------------------------------- info
@@ -80,7 +81,7 @@ def run_train(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- main
-PARSERS = [add_info_parser, add_train_parser]
+PARSERS = [add_info_parser, add_train_parser, export.add_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

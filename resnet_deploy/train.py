@@ -22,7 +22,7 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from resnet_deploy import data
-from resnet_deploy.models import ARCHS, build_model
+from resnet_deploy.models import ARCHS, build_model, load_checkpoint
 
 
 @dataclass
@@ -126,12 +126,14 @@ def plot_curves(history: List[Dict[str, float]], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     epochs = [row["epoch"] for row in history]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for key, style in (("train_loss", "-"), ("train_acc", "--"), ("test_acc", "-.")):
         ax.plot(epochs, [row[key] for row in history], style, marker="o", label=key.replace("_", " "))
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -171,7 +173,7 @@ def train(config: TrainConfig, given: Optional[Dict[str, Any]] = None) -> nn.Mod
     if config.resume:
         if not checkpoint_path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path}; run without --resume to start")
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        checkpoint = load_checkpoint(checkpoint_path)
         config = _resume_config(config, checkpoint["train_config"], given or {})
     elif checkpoint_path.exists():
         raise FileExistsError(f"{out} already holds a run ({CHECKPOINT}); pass --resume to continue it "
@@ -224,16 +226,18 @@ def train(config: TrainConfig, given: Optional[Dict[str, Any]] = None) -> nn.Mod
         start_epoch, history = checkpoint["epoch"], checkpoint["metrics"]
     if master:
         out.mkdir(parents=True, exist_ok=True)
-        print(f"training {config.arch} ({'fused' if config.fused else 'unfused'}) on {device} x{world_size}, "
-              f"{config.image_size}x{config.image_size}, {len(train_split)} training and {len(test_split)} test "
-              f"images, epochs {start_epoch + 1}-{config.epochs}, run directory {out}", flush=True)
+        if start_epoch >= config.epochs:
+            print(f"the run in {out} has finished its {config.epochs} epochs; nothing to do", flush=True)
+        else:
+            print(f"training {config.arch} ({'fused' if config.fused else 'unfused'}) on {device} x{world_size}, "
+                  f"{config.image_size}x{config.image_size}, {len(train_split)} training and {len(test_split)} "
+                  f"test images, epochs {start_epoch + 1}-{config.epochs}, run directory {out}", flush=True)
 
     for epoch in range(start_epoch, config.epochs):
         epoch_start = time.perf_counter()
         train_loader.set_epoch(epoch)
         model.train()
-        totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, examples
-        step_times = []
+        loss_sum, correct, seen, step_times = 0.0, 0, 0, []
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False,
                    disable=not (master and config.progress), dynamic_ncols=True)
         for images, labels in bar:
@@ -244,12 +248,12 @@ def train(config: TrainConfig, given: Optional[Dict[str, Any]] = None) -> nn.Mod
             loss.backward()
             optimizer.step()
             scheduler.step()
-            with torch.no_grad():
-                totals += torch.stack([loss.detach() * len(labels), (logits.argmax(1) == labels).sum(),
-                                       torch.tensor(len(labels), device=device)]).double()
             step_times.append(time.perf_counter() - step_start)
-            bar.set_postfix(loss=f"{totals[0] / totals[2]:.3f}", acc=f"{totals[1] / totals[2]:.3f}",
-                            ex_per_s=f"{totals[2] * world_size / (time.perf_counter() - epoch_start):.0f}")
+            loss_sum += loss.item() * len(labels)
+            correct += (logits.argmax(1) == labels).sum().item()
+            seen += len(labels)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
+                            ex_per_s=f"{seen * world_size / (time.perf_counter() - epoch_start):.0f}")
         train_seconds = time.perf_counter() - epoch_start
         if world_size > 1:
             # DDP copies rank 0's BN statistics at the start of each forward, so after the last step each
@@ -257,12 +261,13 @@ def train(config: TrainConfig, given: Optional[Dict[str, Any]] = None) -> nn.Mod
             for buffer in raw_model.buffers():
                 dist.broadcast(buffer, src=0)
         counts = evaluate(raw_model, test_loader)  # not through DDP: shards may differ by a batch
+        totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=device)
         if world_size > 1:
             dist.all_reduce(totals)
             dist.all_reduce(counts)
-        row = {"epoch": epoch + 1, "train_loss": totals[0].item() / totals[2].item(),
-               "train_acc": totals[1].item() / totals[2].item(), "test_acc": counts[0].item() / counts[1].item(),
-               "examples_per_sec": totals[2].item() / train_seconds,
+        loss_sum, correct, seen = totals.tolist()
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+               "test_acc": counts[0].item() / counts[1].item(), "examples_per_sec": seen / train_seconds,
                "seconds": time.perf_counter() - epoch_start, "train_seconds": train_seconds,
                "step_seconds_median": statistics.median(step_times), "lr": scheduler.get_last_lr()[0]}
         history.append(row)

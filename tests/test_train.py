@@ -71,7 +71,7 @@ def test_runs_are_deterministic_for_a_seed(dataset_dir, tmp_path):
     assert not state_dicts_equal(runs[0], runs[2])
 
 
-def test_resume_continues_where_the_run_stopped_with_nothing_lost(dataset_dir, tmp_path, monkeypatch):
+def test_resume_continues_where_the_run_stopped_with_nothing_lost(dataset_dir, tmp_path, monkeypatch, capsys):
     argv = ["--epochs", "3"]
     assert cli.main(tiny_argv(dataset_dir, tmp_path / "straight", *argv)) == 0
 
@@ -94,6 +94,10 @@ def test_resume_continues_where_the_run_stopped_with_nothing_lost(dataset_dir, t
     assert [row["test_acc"] for row in straight["metrics"]] == [row["test_acc"] for row in resumed["metrics"]]
     metrics = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
     assert [row["epoch"] for row in metrics["epochs"]] == [1, 2, 3]
+
+    capsys.readouterr()
+    assert cli.main(tiny_argv(dataset_dir, tmp_path / "resumed", *argv, "--resume")) == 0
+    assert "has finished its 3 epochs; nothing to do" in capsys.readouterr().out
 
 
 def test_resume_refuses_to_change_the_recipe(dataset_dir, tmp_path, capsys):

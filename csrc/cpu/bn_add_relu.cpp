@@ -79,15 +79,17 @@ RD_CPU_CLONES void rows_forward(const scalar_t* __restrict__ x, const scalar_t* 
   }
 }
 
-// *sum_dz += sum(dz), *sum_dz_xmu += sum(dz * (x - mean)), with dz the gradient behind the ReLU.
-template <typename scalar_t, typename acc_t>
+// *sum_dz += sum(dz), *sum_dz_xmu += sum(dz * (x - mean)), with dz the gradient behind the ReLU; with
+// kStoreDz, dz is also written out (it is the residual's gradient, and the next pass reads it back).
+template <typename scalar_t, typename acc_t, bool kStoreDz>
 RD_CPU_CLONES void span_backward_sums(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ out,
-                                      const scalar_t* __restrict__ x, int64_t n, acc_t mean, acc_t* sum_dz,
-                                      acc_t* sum_dz_xmu) {
+                                      const scalar_t* __restrict__ x, scalar_t* __restrict__ dz_out, int64_t n,
+                                      acc_t mean, acc_t* sum_dz, acc_t* sum_dz_xmu) {
   acc_t s0 = 0, s1 = 0;
 #pragma omp simd reduction(+ : s0, s1)
   for (int64_t i = 0; i < n; ++i) {
     const acc_t dz = relu_backward(static_cast<acc_t>(grad_out[i]), static_cast<acc_t>(out[i]));
+    if (kStoreDz) dz_out[i] = static_cast<scalar_t>(dz);
     s0 += dz;
     s1 += dz * (static_cast<acc_t>(x[i]) - mean);
   }
@@ -95,50 +97,52 @@ RD_CPU_CLONES void span_backward_sums(const scalar_t* __restrict__ grad_out, con
   *sum_dz_xmu += s1;
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, bool kStoreDz>
 RD_CPU_CLONES void rows_backward_sums(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ out,
-                                      const scalar_t* __restrict__ x, int64_t rows, int64_t channels,
-                                      const acc_t* __restrict__ mean, acc_t* __restrict__ sum_dz,
+                                      const scalar_t* __restrict__ x, scalar_t* __restrict__ dz_out, int64_t rows,
+                                      int64_t channels, const acc_t* __restrict__ mean, acc_t* __restrict__ sum_dz,
                                       acc_t* __restrict__ sum_dz_xmu) {
   for (int64_t row = 0; row < rows; ++row) {
     const int64_t base = row * channels;
 #pragma omp simd
     for (int64_t c = 0; c < channels; ++c) {
       const acc_t dz = relu_backward(static_cast<acc_t>(grad_out[base + c]), static_cast<acc_t>(out[base + c]));
+      if (kStoreDz) dz_out[base + c] = static_cast<scalar_t>(dz);
       sum_dz[c] += dz;
       sum_dz_xmu[c] += dz * (static_cast<acc_t>(x[base + c]) - mean[c]);
     }
   }
 }
 
-// dx = a * dz + b * x + c (see input_grad_coeffs), and dresidual = dz.
-template <typename scalar_t, typename acc_t, bool kResidual>
-RD_CPU_CLONES void span_backward_apply(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ out,
-                                       const scalar_t* __restrict__ x, scalar_t* __restrict__ grad_input,
-                                       scalar_t* __restrict__ grad_residual, int64_t n, acc_t a, acc_t b, acc_t c) {
+// dx = a * dz + b * x + c (see input_grad_coeffs); dz is read back when kStoredDz, else recomputed from
+// grad_out and out.
+template <typename scalar_t, typename acc_t, bool kStoredDz>
+RD_CPU_CLONES void span_backward_apply(const scalar_t* __restrict__ grad_out_or_dz, const scalar_t* __restrict__ out,
+                                       const scalar_t* __restrict__ x, scalar_t* __restrict__ grad_input, int64_t n,
+                                       acc_t a, acc_t b, acc_t c) {
   const InputGradCoeffs<acc_t> k{a, b, c};
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    const acc_t dz = relu_backward(static_cast<acc_t>(grad_out[i]), static_cast<acc_t>(out[i]));
+    const acc_t dz = kStoredDz ? static_cast<acc_t>(grad_out_or_dz[i])
+                               : relu_backward(static_cast<acc_t>(grad_out_or_dz[i]), static_cast<acc_t>(out[i]));
     grad_input[i] = static_cast<scalar_t>(bn_input_grad(dz, static_cast<acc_t>(x[i]), k));
-    if (kResidual) grad_residual[i] = static_cast<scalar_t>(dz);
   }
 }
 
-template <typename scalar_t, typename acc_t, bool kResidual>
-RD_CPU_CLONES void rows_backward_apply(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ out,
+template <typename scalar_t, typename acc_t, bool kStoredDz>
+RD_CPU_CLONES void rows_backward_apply(const scalar_t* __restrict__ grad_out_or_dz, const scalar_t* __restrict__ out,
                                        const scalar_t* __restrict__ x, scalar_t* __restrict__ grad_input,
-                                       scalar_t* __restrict__ grad_residual, int64_t rows, int64_t channels,
-                                       const acc_t* __restrict__ ka, const acc_t* __restrict__ kb,
-                                       const acc_t* __restrict__ kc) {
+                                       int64_t rows, int64_t channels, const acc_t* __restrict__ ka,
+                                       const acc_t* __restrict__ kb, const acc_t* __restrict__ kc) {
   for (int64_t row = 0; row < rows; ++row) {
     const int64_t base = row * channels;
 #pragma omp simd
     for (int64_t c = 0; c < channels; ++c) {
-      const acc_t dz = relu_backward(static_cast<acc_t>(grad_out[base + c]), static_cast<acc_t>(out[base + c]));
+      const acc_t dz = kStoredDz ? static_cast<acc_t>(grad_out_or_dz[base + c])
+                                 : relu_backward(static_cast<acc_t>(grad_out_or_dz[base + c]),
+                                                 static_cast<acc_t>(out[base + c]));
       grad_input[base + c] =
           static_cast<scalar_t>(bn_input_grad(dz, static_cast<acc_t>(x[base + c]), {ka[c], kb[c], kc[c]}));
-      if (kResidual) grad_residual[base + c] = static_cast<scalar_t>(dz);
     }
   }
 }
@@ -152,42 +156,44 @@ constexpr int64_t kRowsPerPartialSum = 64;
 
 // Two sums per channel, in double. add_span(offset, n, c, &s0, &s1) adds one NCHW plane of channel c;
 // add_rows(offset, rows, s0[], s1[]) adds a block of channels_last rows into per-channel acc_t arrays.
+// Both layouts are read in memory order, each thread into partial sums of its own, combined at the end.
 template <typename acc_t, typename AddSpan, typename AddRows>
 void channel_sums(const Geometry& g, const AddSpan& add_span, const AddRows& add_rows, std::vector<double>& sum0,
                   std::vector<double>& sum1) {
   const int64_t channels = g.channels;
-  sum0.assign(channels, 0.0);
-  sum1.assign(channels, 0.0);
+  const int threads = at::get_num_threads();
+  std::vector<double> partial(2 * threads * channels, 0.0);
   if (!g.channels_last) {
-    at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        for (int64_t n = 0; n < g.batch; ++n) {
-          acc_t s0 = 0, s1 = 0;  // one plane in acc_t, then into double
-          add_span((n * channels + c) * g.plane, g.plane, c, &s0, &s1);
-          sum0[c] += s0;
-          sum1[c] += s1;
+    const int64_t grain = std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, g.plane));
+    at::parallel_for(0, g.batch * channels, grain, [&](int64_t begin, int64_t end) {
+      double* p0 = partial.data() + 2 * at::get_thread_num() * channels;
+      double* p1 = p0 + channels;
+      for (int64_t p = begin; p < end; ++p) {
+        acc_t s0 = 0, s1 = 0;  // one plane in acc_t, then into double
+        add_span(p * g.plane, g.plane, p % channels, &s0, &s1);
+        p0[p % channels] += s0;
+        p1[p % channels] += s1;
+      }
+    });
+  } else {
+    const int64_t grain = std::max<int64_t>(1, kElementsPerTask / channels);
+    at::parallel_for(0, g.batch * g.plane, grain, [&](int64_t begin, int64_t end) {
+      double* p0 = partial.data() + 2 * at::get_thread_num() * channels;
+      double* p1 = p0 + channels;
+      std::vector<acc_t> block0(channels), block1(channels);
+      for (int64_t row = begin; row < end; row += kRowsPerPartialSum) {
+        std::fill(block0.begin(), block0.end(), acc_t(0));
+        std::fill(block1.begin(), block1.end(), acc_t(0));
+        add_rows(row * channels, std::min(kRowsPerPartialSum, end - row), block0.data(), block1.data());
+        for (int64_t c = 0; c < channels; ++c) {
+          p0[c] += block0[c];
+          p1[c] += block1[c];
         }
       }
     });
-    return;
   }
-  const int threads = at::get_num_threads();
-  std::vector<double> partial(2 * threads * channels, 0.0);
-  const int64_t grain = std::max<int64_t>(1, kElementsPerTask / channels);
-  at::parallel_for(0, g.batch * g.plane, grain, [&](int64_t begin, int64_t end) {
-    double* p0 = partial.data() + 2 * at::get_thread_num() * channels;
-    double* p1 = p0 + channels;
-    std::vector<acc_t> block0(channels), block1(channels);
-    for (int64_t row = begin; row < end; row += kRowsPerPartialSum) {
-      std::fill(block0.begin(), block0.end(), acc_t(0));
-      std::fill(block1.begin(), block1.end(), acc_t(0));
-      add_rows(row * channels, std::min(kRowsPerPartialSum, end - row), block0.data(), block1.data());
-      for (int64_t c = 0; c < channels; ++c) {
-        p0[c] += block0[c];
-        p1[c] += block1[c];
-      }
-    }
-  });
+  sum0.assign(channels, 0.0);
+  sum1.assign(channels, 0.0);
   for (int t = 0; t < threads; ++t) {
     for (int64_t c = 0; c < channels; ++c) {
       sum0[c] += partial[2 * t * channels + c];
@@ -275,20 +281,49 @@ void normalize_add_relu(const ForwardArgs& a, const acc_t* mean, const acc_t* in
   }
 }
 
-template <typename scalar_t, typename acc_t, bool kResidual>
-void backward_apply_pass(const Geometry& g, const scalar_t* gy, const scalar_t* y, const scalar_t* x, scalar_t* gx,
-                         scalar_t* gr, const std::vector<acc_t>& ka, const std::vector<acc_t>& kb,
-                         const std::vector<acc_t>& kc) {
+// Both backward passes. With the residual's gradient wanted, pass 1 writes dz into it and pass 2 reads it
+// back instead of grad_out and out: one tensor read fewer.
+template <typename scalar_t, typename acc_t, bool kStoreDz>
+void backward_passes(const Geometry& g, const scalar_t* gy, const scalar_t* y, const scalar_t* x, scalar_t* gx,
+                     scalar_t* dz, const acc_t* mean, const acc_t* invstd, const acc_t* weight, bool training,
+                     acc_t* grad_weight, acc_t* grad_bias) {
+  const int64_t channels = g.channels;
+  std::vector<double> sum_dz, sum_dz_xmu;
+  channel_sums<acc_t>(
+      g,
+      [&](int64_t offset, int64_t n, int64_t c, acc_t* s0, acc_t* s1) {
+        span_backward_sums<scalar_t, acc_t, kStoreDz>(gy + offset, y + offset, x + offset,
+                                                      kStoreDz ? dz + offset : nullptr, n, mean[c], s0, s1);
+      },
+      [&](int64_t offset, int64_t rows, acc_t* s0, acc_t* s1) {
+        rows_backward_sums<scalar_t, acc_t, kStoreDz>(gy + offset, y + offset, x + offset,
+                                                      kStoreDz ? dz + offset : nullptr, rows, channels, mean, s0, s1);
+      },
+      sum_dz, sum_dz_xmu);
+
+  std::vector<acc_t> ka(channels), kb(channels), kc(channels);
+  const acc_t count = static_cast<acc_t>(g.per_channel());
+  for (int64_t c = 0; c < channels; ++c) {
+    const InputGradCoeffs<acc_t> k = input_grad_coeffs<acc_t>(
+        mean[c], invstd[c], weight[c], static_cast<acc_t>(sum_dz[c]), static_cast<acc_t>(sum_dz_xmu[c]), count,
+        training);
+    ka[c] = k.a;
+    kb[c] = k.b;
+    kc[c] = k.c;
+    grad_weight[c] = weight_grad<acc_t>(static_cast<acc_t>(sum_dz_xmu[c]), invstd[c]);
+    grad_bias[c] = static_cast<acc_t>(sum_dz[c]);
+  }
+
+  const scalar_t* source = kStoreDz ? dz : gy;
   elementwise(
       g,
       [&](int64_t offset, int64_t n, int64_t c) {
-        span_backward_apply<scalar_t, acc_t, kResidual>(gy + offset, y + offset, x + offset, gx + offset,
-                                                        kResidual ? gr + offset : nullptr, n, ka[c], kb[c], kc[c]);
+        span_backward_apply<scalar_t, acc_t, kStoreDz>(source + offset, y + offset, x + offset, gx + offset, n,
+                                                       ka[c], kb[c], kc[c]);
       },
       [&](int64_t offset, int64_t rows) {
-        rows_backward_apply<scalar_t, acc_t, kResidual>(gy + offset, y + offset, x + offset, gx + offset,
-                                                        kResidual ? gr + offset : nullptr, rows, g.channels,
-                                                        ka.data(), kb.data(), kc.data());
+        rows_backward_apply<scalar_t, acc_t, kStoreDz>(source + offset, y + offset, x + offset, gx + offset, rows,
+                                                       channels, ka.data(), kb.data(), kc.data());
       });
 }
 
@@ -346,42 +381,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_backward_
     const scalar_t* gy = a.grad_out.data_ptr<scalar_t>();
     const scalar_t* y = a.out.data_ptr<scalar_t>();
     const scalar_t* x = a.input.data_ptr<scalar_t>();
-    const acc_t* mu = a.mean.data_ptr<acc_t>();
-    const acc_t* istd = a.invstd.data_ptr<acc_t>();
-    const acc_t* w = a.weight.data_ptr<acc_t>();
-
-    // Pass 1: per channel, sum(dz) and sum(dz * (x - mean)).
-    std::vector<double> sum_dz, sum_dz_xmu;
-    channel_sums<acc_t>(
-        a.geom,
-        [&](int64_t offset, int64_t n, int64_t c, acc_t* s0, acc_t* s1) {
-          span_backward_sums<scalar_t, acc_t>(gy + offset, y + offset, x + offset, n, mu[c], s0, s1);
-        },
-        [&](int64_t offset, int64_t rows, acc_t* s0, acc_t* s1) {
-          rows_backward_sums<scalar_t, acc_t>(gy + offset, y + offset, x + offset, rows, channels, mu, s0, s1);
-        },
-        sum_dz, sum_dz_xmu);
-
-    std::vector<acc_t> ka(channels), kb(channels), kc(channels);
+    scalar_t* gx = grad_input.data_ptr<scalar_t>();
+    const acc_t* mean_ptr = a.mean.data_ptr<acc_t>();
+    const acc_t* invstd_ptr = a.invstd.data_ptr<acc_t>();
+    const acc_t* weight_ptr = a.weight.data_ptr<acc_t>();
     acc_t* gw = grad_weight.data_ptr<acc_t>();
     acc_t* gb = grad_bias.data_ptr<acc_t>();
-    const acc_t count = static_cast<acc_t>(a.geom.per_channel());
-    for (int64_t c = 0; c < channels; ++c) {
-      const InputGradCoeffs<acc_t> k = input_grad_coeffs<acc_t>(
-          mu[c], istd[c], w[c], static_cast<acc_t>(sum_dz[c]), static_cast<acc_t>(sum_dz_xmu[c]), count, training);
-      ka[c] = k.a;
-      kb[c] = k.b;
-      kc[c] = k.c;
-      gw[c] = weight_grad<acc_t>(static_cast<acc_t>(sum_dz_xmu[c]), istd[c]);
-      gb[c] = static_cast<acc_t>(sum_dz[c]);
-    }
-
-    // Pass 2: dx = a * dz + b * x + c, and dresidual = dz.
-    scalar_t* gx = grad_input.data_ptr<scalar_t>();
     if (residual_grad) {
-      backward_apply_pass<scalar_t, acc_t, true>(a.geom, gy, y, x, gx, grad_residual.data_ptr<scalar_t>(), ka, kb, kc);
+      backward_passes<scalar_t, acc_t, true>(a.geom, gy, y, x, gx, grad_residual.data_ptr<scalar_t>(), mean_ptr,
+                                             invstd_ptr, weight_ptr, training, gw, gb);
     } else {
-      backward_apply_pass<scalar_t, acc_t, false>(a.geom, gy, y, x, gx, nullptr, ka, kb, kc);
+      backward_passes<scalar_t, acc_t, false>(a.geom, gy, y, x, gx, nullptr, mean_ptr, invstd_ptr, weight_ptr,
+                                              training, gw, gb);
     }
   });
   const auto param_dtype = param_grad_dtype(input, weight);

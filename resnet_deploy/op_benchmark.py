@@ -1,4 +1,5 @@
-"""Benchmark of the fused operator against the unfused expression, eager and torch.compile'd.
+"""Benchmark of the fused operator against the unfused expression, eager and torch.compile'd, at one
+activation shape or at every fused site of ResNet-18, and of whole fused vs unfused ResNet-18 steps.
 
 Every figure is a median from torch.utils.benchmark, measured in one run next to its baselines and next to the
 machine's memory-bandwidth bound: the bytes the operation must move divided by the copy bandwidth measured
@@ -7,7 +8,7 @@ on a tensor of the same size in the same run.
 import json
 import platform
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,8 @@ from torch.utils import benchmark
 from resnet_deploy.ops import batch_norm_add_relu
 
 # Tensor passes that must move at the least: eval reads x and residual and writes y; training forward and
-# backward together are counted as ten passes of the activation.
+# backward together are counted as ten passes of the activation. Without a residual, two passes fewer
+# in training (its read in the forward, its gradient's write in the backward) and one fewer in eval.
 EVAL_PASSES = 3
 TRAIN_PASSES = 10
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -26,6 +28,7 @@ FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last
 class Row:
     shape: List[int]
     memory_format: str
+    residual: bool
     mode: str  # "eval forward" or "train forward+backward"
     fused_ms: float
     eager_ms: float
@@ -51,17 +54,20 @@ def copy_bandwidth(numel: int, min_run_time: float) -> float:
     return 2 * src.numel() * src.element_size() / seconds
 
 
-def _inputs(shape, memory_format, requires_grad):
+def _inputs(shape, memory_format, requires_grad, with_residual=True):
     channels = shape[1]
     x = torch.randn(shape).contiguous(memory_format=memory_format).requires_grad_(requires_grad)
-    residual = torch.randn(shape).contiguous(memory_format=memory_format).requires_grad_(requires_grad)
+    residual = None
+    if with_residual:
+        residual = torch.randn(shape).contiguous(memory_format=memory_format).requires_grad_(requires_grad)
     weight = (torch.rand(channels) + 0.5).requires_grad_(requires_grad)
     bias = torch.randn(channels).requires_grad_(requires_grad)
     return x, residual, torch.zeros(channels), torch.ones(channels), weight, bias
 
 
 def unfused(x, residual, running_mean, running_var, weight, bias, training: bool):
-    return F.relu(F.batch_norm(x, running_mean, running_var, weight, bias, training) + residual)
+    y = F.batch_norm(x, running_mean, running_var, weight, bias, training)
+    return F.relu(y if residual is None else y + residual)
 
 
 def fused(x, residual, running_mean, running_var, weight, bias, training: bool):
@@ -79,25 +85,30 @@ def _train_step(fn, args):
     x, residual, _, _, weight, bias = args
     grad = torch.randn_like(x)
 
+    inputs = [t for t in (x, residual, weight, bias) if t is not None]
+
     def step():
         out = fn(*args, True)
-        return torch.autograd.grad(out, (x, residual, weight, bias), grad)
+        return torch.autograd.grad(out, inputs, grad)
     return step
 
 
-def measure(shape, memory_format: str, bandwidth: float, with_compile: bool, min_run_time: float) -> List[Row]:
+def measure(shape, memory_format: str, bandwidth: float, with_compile: bool, min_run_time: float,
+            with_residual: bool = True) -> List[Row]:
     fmt = FORMATS[memory_format]
     activation_bytes = torch.Size(shape).numel() * 4
     compiled = torch.compile(unfused, dynamic=False) if with_compile else None
     rows = []
     for mode, make_step, passes, grad in (("eval forward", _eval_step, EVAL_PASSES, False),
                                           ("train forward+backward", _train_step, TRAIN_PASSES, True)):
-        args = _inputs(shape, fmt, grad)
+        if not with_residual:
+            passes -= 1 if mode == "eval forward" else 2
+        args = _inputs(shape, fmt, grad, with_residual)
         times: Dict[str, Optional[float]] = {}
         for name, fn in (("fused", fused), ("eager", unfused), ("compile", compiled)):
             times[name] = median_ms(make_step(fn, args), min_run_time) if fn is not None else None
-        rows.append(Row(list(shape), memory_format, mode, times["fused"], times["eager"], times["compile"],
-                        passes * activation_bytes / bandwidth * 1e3))
+        rows.append(Row(list(shape), memory_format, with_residual, mode, times["fused"], times["eager"],
+                        times["compile"], passes * activation_bytes / bandwidth * 1e3))
     return rows
 
 
@@ -107,23 +118,47 @@ def environment() -> dict:
 
 
 def format_table(rows: List[Row]) -> str:
-    lines = ["| shape | layout | mode | fused ms | eager ms | compile ms | bound ms | fused vs eager | fused / bound |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| shape | layout | residual | mode | fused ms | eager ms | compile ms | bound ms | fused vs eager | "
+             "fused / bound |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         compile_ms = f"{r.compile_ms:.3f}" if r.compile_ms is not None else "-"
-        lines.append(f"| {'x'.join(map(str, r.shape))} | {r.memory_format} | {r.mode} | {r.fused_ms:.3f} | "
+        lines.append(f"| {'x'.join(map(str, r.shape))} | {r.memory_format} | {'yes' if r.residual else 'no'} | "
+                     f"{r.mode} | {r.fused_ms:.3f} | "
                      f"{r.eager_ms:.3f} | {compile_ms} | {r.bound_ms:.3f} | {r.speedup_vs_eager:.2f}x | "
                      f"{r.fused_ms / r.bound_ms:.2f}x |")
     return "\n".join(lines)
 
 
-def run(shapes, memory_formats, with_compile=True, min_run_time=1.0, json_path=None, log=print) -> dict:
+def resnet18_fused_sites(image_size: int = 96, batch_size: int = 64) -> List[Tuple[Tuple[int, ...], bool, int]]:
+    """(input shape, has residual, how many) of every BatchNormAddReLU2d call in ResNet-18's forward."""
+    from resnet_deploy.models import resnet18
+    from resnet_deploy.nn import BatchNormAddReLU2d
+
+    model = resnet18(fused=True).eval()
+    sites: Dict[Tuple[Tuple[int, ...], bool], int] = {}
+
+    def record(module, args):
+        key = (tuple(args[0].shape), len(args) > 1 and args[1] is not None)
+        sites[key] = sites.get(key, 0) + 1
+
+    hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, BatchNormAddReLU2d)]
+    with torch.inference_mode():
+        model(torch.zeros(batch_size, 1, image_size, image_size))
+    for hook in hooks:
+        hook.remove()
+    return [(shape, residual, count) for (shape, residual), count in sites.items()]
+
+
+def run(shapes, memory_formats, with_compile=True, min_run_time=1.0, json_path=None, log=print,
+        residual_flags=None) -> dict:
+    """Times every shape (with the matching residual flag, default with residual) in every layout."""
     results = []
-    for shape in shapes:
+    residual_flags = residual_flags or [True] * len(shapes)
+    for shape, with_residual in zip(shapes, residual_flags):
         bandwidth = copy_bandwidth(torch.Size(shape).numel(), min_run_time)
         log(f"copy bandwidth at {'x'.join(map(str, shape))} float32: {bandwidth / 1e9:.1f} GB/s")
         for memory_format in memory_formats:
-            for row in measure(shape, memory_format, bandwidth, with_compile, min_run_time):
+            for row in measure(shape, memory_format, bandwidth, with_compile, min_run_time, with_residual):
                 results.append(row)
                 log(f"  {memory_format:13s} {row.mode:24s} fused {row.fused_ms:7.3f} ms  eager {row.eager_ms:7.3f} ms  "
                     f"compile {row.compile_ms if row.compile_ms is not None else float('nan'):7.3f} ms  "
@@ -135,3 +170,49 @@ def run(shapes, memory_formats, with_compile=True, min_run_time=1.0, json_path=N
             json.dump(report, f, indent=2)
     log(format_table(results))
     return report
+
+
+def end_to_end(image_size: int = 96, train_batch: int = 64, eval_batches=(1, 8, 64), min_run_time: float = 5.0,
+               memory_format: str = "nchw", log=print) -> dict:
+    """Fused vs unfused ResNet-18 with the same weights: an SGD training step and eval inference, medians."""
+    from resnet_deploy.models import resnet18
+
+    fmt = FORMATS[memory_format]
+    models = {"fused": resnet18(fused=True), "unfused": resnet18(fused=False)}
+    models["unfused"].load_state_dict(models["fused"].state_dict())
+    for model in models.values():
+        model.to(memory_format=fmt)
+    rows = []
+
+    def add(mode, batch, times):
+        rows.append({"mode": mode, "batch_size": batch, "fused_ms": times["fused"], "unfused_ms": times["unfused"],
+                     "speedup": times["unfused"] / times["fused"]})
+        log(f"  {mode:12s} batch {batch:3d}: fused {times['fused']:8.2f} ms  unfused {times['unfused']:8.2f} ms  "
+            f"speedup {rows[-1]['speedup']:.2f}x")
+
+    images = torch.randn(train_batch, 1, image_size, image_size).contiguous(memory_format=fmt)
+    labels = torch.randint(0, 10, (train_batch,))
+    times = {}
+    for name, model in models.items():
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def train_step(model=model, optimizer=optimizer):
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(images), labels).backward()
+            optimizer.step()
+        times[name] = median_ms(train_step, min_run_time)
+    add("train step", train_batch, times)
+
+    for batch in eval_batches:
+        batch_images = images[:batch].contiguous(memory_format=fmt)
+        times = {}
+        for name, model in models.items():
+            model.eval()
+
+            def infer(model=model):
+                with torch.inference_mode():
+                    return model(batch_images)
+            times[name] = median_ms(infer, min_run_time / 2)
+        add("eval", batch, times)
+    return {"image_size": image_size, "memory_format": memory_format, "results": rows}

@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Times the fused BatchNorm+add+ReLU op against the unfused expression (eager and torch.compile) and the
-memory-bandwidth bound, at a ResNet activation. Prints a markdown table; --json writes the figures."""
+memory-bandwidth bound, at a ResNet activation (or every fused site of ResNet-18), and optionally whole fused
+vs unfused ResNet-18 training steps and inference. Prints markdown tables; --json writes the figures."""
 import argparse
+import json
 
 import resnet_deploy  # noqa: F401  (registers the operators)
 from resnet_deploy import op_benchmark
@@ -25,10 +27,25 @@ def main():
                         help="memory layout, repeatable (default: both)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per figure")
+    parser.add_argument("--resnet18-sites", action="store_true",
+                        help="time every fused site of ResNet-18 at 96x96, batch 64, instead of --shape")
+    parser.add_argument("--end-to-end", action="store_true",
+                        help="also time fused vs unfused ResNet-18 (96x96): a training step at batch 64 and "
+                             "eval at batch 1, 8, 64")
     parser.add_argument("--json", help="write the figures to this JSON file")
     args = parser.parse_args()
-    op_benchmark.run(args.shape or [(64, 64, 24, 24)], args.layout or ["nchw", "channels_last"],
-                     with_compile=not args.no_compile, min_run_time=args.min_run_time, json_path=args.json)
+    shapes, residual_flags = args.shape or [(64, 64, 24, 24)], None
+    if args.resnet18_sites:
+        sites = op_benchmark.resnet18_fused_sites()
+        print("ResNet-18 fused sites at 96x96, batch 64 (shape, residual, count):", sites)
+        shapes, residual_flags = [s for s, _, _ in sites], [r for _, r, _ in sites]
+    report = op_benchmark.run(shapes, args.layout or ["nchw", "channels_last"], with_compile=not args.no_compile,
+                              min_run_time=args.min_run_time, residual_flags=residual_flags)
+    if args.end_to_end:
+        report["end_to_end"] = op_benchmark.end_to_end()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
 
 
 if __name__ == "__main__":

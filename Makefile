@@ -33,6 +33,13 @@ build: setup
 test: build dataset
 	$(PY) -m pytest -q
 
+# The Python-free operator library and the C++ runner, built with CMake against the pip torch's libtorch.
+# CUDA kernels are added when nvcc matches torch's CUDA; CMAKE_ARGS=-DRESNET_DEPLOY_CUDA=OFF skips them.
+cpp: setup
+	cmake -S . -B build/cpp -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" $(CMAKE_ARGS)
+	cmake --build build/cpp -j$(MAX_JOBS)
+	@echo "C++ runner: build/cpp/resnet_deploy_infer (operator library: build/cpp/libresnet_deploy_ops.so)"
+
 bench-op: build
 	$(PY) scripts/bench_op.py
 

@@ -1,0 +1,127 @@
+"""resnet-deploy bench: the files it writes and their schema, the timing loop's stopping rules, failures of
+one backend, and the refusals. Budgets are tiny: these tests check behaviour, never speed."""
+import json
+import time
+
+import numpy as np
+import pytest
+from test_runtime import shared_artifacts
+
+from resnet_deploy import bench, cli, op_benchmark, runtime
+
+TINY = dict(warmup_s=0.0, min_time_s=0.0, max_time_s=0.05, min_runs=3, max_runs=5)
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory):
+    return shared_artifacts(tmp_path_factory)
+
+
+@pytest.fixture
+def fast_op_benchmark(monkeypatch):
+    """The real op_benchmark.run with every timing replaced by a constant (nothing is run or compiled)."""
+    monkeypatch.setattr(op_benchmark, "median_ms", lambda fn, min_run_time: 1.0)
+    monkeypatch.setattr(op_benchmark, "copy_bandwidth", lambda numel, min_run_time: 1e10)
+
+
+def test_bench_writes_json_markdown_and_plot(artifacts, tmp_path, fast_op_benchmark):
+    report = bench.bench(artifacts, tmp_path / "out", backends=["eager", "onnxruntime"], batch_sizes=[1, 3],
+                         threads=[1, 2], log=lambda line: None, **TINY)
+    written = bench.load_report(tmp_path / "out" / "bench.json")  # checks the schema
+    assert written == json.loads(json.dumps(report))
+    assert written["schema_version"] == bench.SCHEMA_VERSION and written["errors"] == []
+    combos = {(r["backend"], r["batch_size"], r["threads"]) for r in written["results"]}
+    assert combos == {(b, n, t) for b in ("eager", "onnxruntime") for n in (1, 3) for t in (1, 2)}
+    for row in written["results"]:
+        assert set(bench.RESULT_FIELDS) <= set(row)
+        assert row["min_ms"] <= row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"] <= row["max_ms"]
+        assert row["throughput"] == pytest.approx(row["batch_size"] / row["mean_ms"] * 1e3)
+        assert 3 <= row["runs"] <= 5 and row["load_ms"] > 0 and row["first_call_ms"] > 0 and row["peak_rss_mb"] > 0
+    env = written["env"]
+    for key in ("cpu", "cores", "available_cores", "versions", "git_commit", "threads", "torch_interop_threads",
+                "op_library", "timestamp"):
+        assert key in env
+    assert env["threads"] == [1, 2] and env["versions"]["onnxruntime"]
+    assert written["settings"]["batch_sizes"] == [1, 3]
+
+    # The fused-operator figures: at the model's largest fused site with a residual (64 channels, 7x7 at 28x28).
+    op = written["op_benchmark"]
+    assert {tuple(r["shape"]) for r in op["results"]} == {(3, 64, 7, 7)}
+
+    table = (tmp_path / "out" / "bench.md").read_text()
+    assert "| eager | 1 | 3 |" in table and "| onnxruntime | 2 | 1 |" in table and "1.00x" in table
+    assert "Fused BatchNorm+add+ReLU operator" in table and "3x64x7x7" in table
+    assert (tmp_path / "out" / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_failing_backend_is_reported_and_the_others_still_run(artifacts, tmp_path, monkeypatch, capsys):
+    real_load = runtime.load
+
+    def load(artifact_dir, backend, **kwargs):
+        if backend == "torchscript":
+            raise RuntimeError("no such operator")
+        return real_load(artifact_dir, backend, **kwargs)
+
+    monkeypatch.setattr(runtime, "load", load)
+    report = bench.bench(artifacts, tmp_path, backends=["torchscript", "eager"], batch_sizes=[2], threads=[1],
+                         op_benchmark=False, **TINY)
+    assert [r["backend"] for r in report["results"]] == ["eager"]
+    assert report["errors"][0]["backend"] == "torchscript" and "no such operator" in report["errors"][0]["error"]
+    assert "torchscript | 1 | - | failed: RuntimeError: no such operator" in (tmp_path / "bench.md").read_text()
+    capsys.readouterr()
+
+    with pytest.raises(SystemExit, match="torchscript \\(1 threads\\) failed; the others' figures are in"):
+        cli.main(["bench", str(artifacts), "--out", str(tmp_path), "--backends", "torchscript,eager",
+                  "--batch-sizes", "2", "--threads", "1", "--min-time", "0", "--max-time", "0.05",
+                  "--no-op-benchmark"])
+
+
+def test_time_calls_stops_by_count_time_or_stability():
+    calls = []
+    times, stable = bench.time_calls(lambda: calls.append(1), warmup_s=0, min_time_s=0, max_time_s=10, min_runs=5,
+                                     max_runs=7, tolerance=1.0)
+    assert len(times) == 5 and stable and len(calls) == 5 + 2  # two warm-up calls at the least
+    times, stable = bench.time_calls(lambda: None, warmup_s=0, min_time_s=0, max_time_s=10, min_runs=10**9,
+                                     max_runs=50, tolerance=0.0)
+    assert len(times) == 50
+    times, _ = bench.time_calls(lambda: time.sleep(0.001), warmup_s=0, min_time_s=0, max_time_s=0.05, min_runs=3,
+                                max_runs=10**9, tolerance=-1)  # never stable: only the time budget stops it
+    assert 3 <= len(times) < 60
+    times, _ = bench.time_calls(lambda: time.sleep(0.02), warmup_s=0, min_time_s=0, max_time_s=0.001, min_runs=3,
+                                max_runs=10**9, tolerance=-1)
+    assert len(times) == 3  # min_runs even past the time budget
+
+    summary = bench.summarize([0.001 * i for i in range(1, 101)], batch_size=4)
+    assert summary["p50_ms"] == pytest.approx(50.5) and summary["p90_ms"] == pytest.approx(90.1)
+    assert summary["p99_ms"] == pytest.approx(99.01) and summary["mean_ms"] == pytest.approx(50.5)
+    assert summary["std_ms"] == pytest.approx(np.std(np.arange(1, 101), ddof=1))
+    assert summary["throughput"] == pytest.approx(4 / 0.0505) and summary["runs"] == 100
+
+
+def test_check_schema_names_the_offending_field():
+    row = {key: (kind(1) if kind is not str else "eager") for key, kind in bench.RESULT_FIELDS.items()}
+    env = {"cpu": "x", "cores": 2, "versions": {}, "git_commit": None, "threads": [1], "timestamp": "now"}
+    report = {"schema_version": 1, "env": env, "artifact": {}, "settings": {}, "results": [row], "errors": []}
+    bench.check_schema(report)
+    with pytest.raises(ValueError, match="bench result 0 field 'p90_ms' is None; expected a float"):
+        bench.check_schema(dict(report, results=[dict(row, p90_ms=None)]))
+    with pytest.raises(ValueError, match="bench result 0 field 'batch_size' is True; expected a int"):
+        bench.check_schema(dict(report, results=[dict(row, batch_size=True)]))
+    with pytest.raises(ValueError, match="bench report field 'results' is None; expected a list"):
+        bench.check_schema(dict(report, results=None))
+    with pytest.raises(ValueError, match="bench report env lacks 'git_commit'"):
+        bench.check_schema(dict(report, env={k: v for k, v in env.items() if k != "git_commit"}))
+
+
+def test_refusals(artifacts, tmp_path, capsys):
+    with pytest.raises(ValueError, match="unknown backend\\(s\\) tensorrt; expected some of eager"):
+        bench.bench(artifacts, tmp_path, backends=["eager", "tensorrt"])
+    with pytest.raises(ValueError, match="every batch size must be a positive integer, got \\[1, 0\\]"):
+        bench.bench(artifacts, tmp_path, batch_sizes=[1, 0])
+    with pytest.raises(ValueError, match="the time budget needs 0 <= min time <= max time, got 2 and 1"):
+        bench.bench(artifacts, tmp_path, min_time_s=2, max_time_s=1)
+    with pytest.raises(FileNotFoundError, match="has no manifest.json"):
+        bench.bench(tmp_path, tmp_path / "out")
+    with pytest.raises(SystemExit):
+        cli.main(["bench", str(artifacts), "--out", str(tmp_path), "--batch-sizes", "1,x"])
+    assert "expected positive integers separated by commas, like 1,8,64; got '1,x'" in capsys.readouterr().err

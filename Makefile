@@ -33,6 +33,10 @@ build: setup
 test: build dataset
 	$(PY) -m pytest -q
 
+# The whole pipeline on the real Fashion-MNIST into $(RUN_DIR): train, export, infer, bench, REPORT.md.
+demo: build dataset
+	$(PY) -m resnet_deploy.cli demo --out $(RUN_DIR)
+
 # The Python-free operator library and the C++ runner, built with CMake against the pip torch's libtorch.
 # CUDA kernels are added when nvcc matches torch's CUDA; CMAKE_ARGS=-DRESNET_DEPLOY_CUDA=OFF skips them.
 cpp: setup

@@ -14,7 +14,7 @@ from typing import List, Optional
 import torch
 
 import resnet_deploy
-from resnet_deploy import bench, export, infer
+from resnet_deploy import bench, demo, export, infer
 
 
 # ------------------------------------------------------------------------------------------------- info
@@ -81,7 +81,7 @@ def run_train(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- main
-PARSERS = [add_info_parser, add_train_parser, export.add_parser, infer.add_parser, bench.add_parser]
+PARSERS = [add_info_parser, add_train_parser, export.add_parser, infer.add_parser, bench.add_parser, demo.add_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -128,9 +128,6 @@ class Predictor:
         with torch.inference_mode():
             return self._run(batch.contiguous())
 
-    def probabilities(self, logits: Tensor) -> Tensor:
-        return torch.softmax(logits.float(), dim=1)
-
     def __repr__(self) -> str:
         return f"Predictor({self.backend!r}, threads={self.threads}, device={self.device!r})"
 

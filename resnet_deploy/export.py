@@ -6,8 +6,8 @@
                         (C++, `make cpp`). It also carries input_shape, input_mean, input_std and
                         class_names, so the C++ runner pre-processes exactly as manifest.json says.
   model.onnx            the dynamo exporter's graph, the fused operator translated into standard ONNX
-                        (BatchNormalization, Add, Relu), dynamic batch axis; weights beside it in
-                        model.onnx.data only when the model is too large for one file.
+                        (BatchNormalization, folded into Conv on export, Add, Relu), dynamic batch axis;
+                        weights beside it in model.onnx.data only when they exceed one file's 2 GB.
   parity.json           eager vs TorchScript vs ONNX Runtime on real (or synthetic) images, at batch 1
                         and at a batch size other than the export one.
   manifest.json         input, normalization, classes, opset, versions, how to load the operator library,
@@ -127,8 +127,9 @@ def custom_operators(scripted: torch.jit.ScriptModule) -> List[str]:
 
 # ------------------------------------------------------------------------------------------------- ONNX
 def bn_add_relu_onnx(input, residual, running_mean, running_var, weight, bias, eps: float):
-    """resnet_deploy::bn_add_relu_eval in standard ONNX: BatchNormalization (+ Add) + Relu, which ONNX
-    Runtime folds into the preceding convolution and fuses itself."""
+    """resnet_deploy::bn_add_relu_eval in standard ONNX: BatchNormalization (+ Add) + Relu, a pattern graph
+    optimizers know: the exporter's optimizer already folds the BatchNormalization into the preceding Conv
+    (ONNX Runtime would too), and ONNX Runtime fuses Add + Relu into its convolution kernels."""
     from onnxscript import opset18 as op
 
     if weight is None:  # BatchNormalization needs a scale and a bias: the identity ones
@@ -305,8 +306,8 @@ def export_model(model: nn.Module, out: Union[str, Path], input_config: Dict[str
                        "formula": "(resize(pixels / 255) - mean) / std"},
         "classes": list(classes),
         "onnx": {"file": ONNX, "opset": OPSET, "external_data": [p.name for p in onnx_files[1:]],
-                 "custom_operators": "none: resnet_deploy::bn_add_relu_eval is exported as BatchNormalization, "
-                                     "Add and Relu"},
+                 "custom_operators": "none: resnet_deploy::bn_add_relu_eval is exported as BatchNormalization "
+                                     "(folded into Conv), Add and Relu"},
         "torchscript": {"file": TORCHSCRIPT, "custom_operators": operators, "op_library": {
             "python": "import resnet_deploy before torch.jit.load (it loads resnet_deploy._C)",
             "cpp": "link libresnet_deploy_ops.so (`make cpp` builds it beside resnet_deploy_infer) with "

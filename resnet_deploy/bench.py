@@ -360,9 +360,11 @@ def plot(report: Dict[str, Any], path: Union[str, Path]) -> None:
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     threads = sorted({r["threads"] for r in report["results"]}) or [0]
-    fig, axes = plt.subplots(2, len(threads), figsize=(5 * len(threads), 7), squeeze=False)
+    batch_sizes = sorted({r["batch_size"] for r in report["results"]})
+    fig, axes = plt.subplots(2, len(threads), figsize=(5 * len(threads), 7), squeeze=False, sharey="row")
     for column, n_threads in enumerate(threads):
         for backend in runtime.BACKENDS:
             rows = sorted((r for r in report["results"] if r["backend"] == backend and r["threads"] == n_threads),
@@ -376,14 +378,19 @@ def plot(report: Dict[str, Any], path: Union[str, Path]) -> None:
                                      label=backend)
             axes[1, column].plot(sizes, [r["throughput"] for r in rows], marker="o", label=backend)
         axes[0, column].set_title(f"{n_threads} thread{'s' if n_threads > 1 else ''}")
-        axes[0, column].set_ylabel("latency per batch, ms (p50, bar to p90)")
-        axes[1, column].set_ylabel("throughput, images/s")
         for ax in axes[:, column]:
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
+            ax.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
+            ax.xaxis.set_minor_locator(ticker.NullLocator())
+            ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))
+            ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(ticker.NullFormatter())
             ax.set_xlabel("batch size")
-            ax.grid(True, which="both", alpha=0.3)
+            ax.grid(True, which="major", alpha=0.3)
         axes[0, column].legend(fontsize=8)
+    axes[0, 0].set_ylabel("latency per batch, ms (p50, bar to p90)")
+    axes[1, 0].set_ylabel("throughput, images/s")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

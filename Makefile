@@ -26,9 +26,14 @@ dataset:
 		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
 	else echo "Fashion-MNIST not installed: run 'apt-get install dataset-fashion-mnist' as root, or pass --data-dir"; fi
 
-build: setup
+# Rebuilt only when a source of the extension changes (a CUDA build takes minutes).
+EXTENSION_SOURCES := setup.py pyproject.toml $(shell find csrc -path csrc/runner -prune -o -type f -print)
+$(VENV)/.built: $(VENV)/.installed $(EXTENSION_SOURCES)
 	$(PY) -m pip install --no-build-isolation --no-deps -e .
 	$(PY) -c "import resnet_deploy._library as l; print(l.build_info())"
+	touch $@
+
+build: $(VENV)/.built
 
 test: build dataset
 	$(PY) -m pytest -q

@@ -57,7 +57,7 @@ def demo(out: Union[str, Path] = "runs/demo", data_dir: Optional[str] = None,
         export.export(train_dir, artifact_dir, data_dir=data_dir, log=log)
 
     with stage("infer"):
-        files = data.find_dataset(data_dir, download=False)
+        files = data.find_dataset(data_dir)  # where training found it (a finished download is not repeated)
         summary = infer.infer(artifact_dir, files["test_images"], out / report.PREDICTIONS, infer_backend,
                               labels=files["test_labels"], progress=progress, log=log)
         (out / report.INFER_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")

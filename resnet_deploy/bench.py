@@ -324,6 +324,20 @@ def results_table(report: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def fastest(report: Dict[str, Any]) -> str:
+    """One line per thread setting: the backend with the lowest p50 at each batch size."""
+    lines = []
+    for n_threads in sorted({r["threads"] for r in report["results"]}):
+        best = []
+        for batch_size in sorted({r["batch_size"] for r in report["results"]}):
+            rows = [r for r in report["results"] if r["threads"] == n_threads and r["batch_size"] == batch_size]
+            if rows:
+                top = min(rows, key=lambda r: r["p50_ms"])
+                best.append(f"batch {batch_size}: {top['backend']} ({top['p50_ms']:.2f} ms)")
+        lines.append(f"- fastest with {n_threads} thread(s): {'; '.join(best)}")
+    return "\n".join(lines)
+
+
 def op_table(op_report: Dict[str, Any]) -> str:
     from resnet_deploy import op_benchmark
 
@@ -345,7 +359,7 @@ def markdown(report: Dict[str, Any]) -> str:
             f"Each row: one predictor call on a batch of pre-processed images, timed after a "
             f"{s['warmup_s']} s warm-up until the median settled (±{100 * s['tolerance']:.0f}%, "
             f"{s['min_time_s']}-{s['max_time_s']} s per row). first call includes torch.compile's compilation.\n",
-            results_table(report), ""]
+            results_table(report), "", fastest(report), ""]
     if report.get("op_benchmark"):
         text += ["## Fused BatchNorm+add+ReLU operator\n",
                  "Median times of the operator alone against the unfused expression (eager and torch.compile) and "

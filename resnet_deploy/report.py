@@ -113,7 +113,8 @@ def _latency(run_dir: Path) -> List[str]:
                  f"row). eager is the unfused PyTorch reference; `vs eager` compares medians at the same batch size "
                  f"and threads. first call includes torch.compile's compilation. Full figures: "
                  f"`{BENCH}/{bench.JSON_FILE}`.\n")
-    lines += [bench.results_table(report), "", f"![latency against batch size]({BENCH}/{bench.PLOT_FILE})\n"]
+    lines += [bench.results_table(report), "", bench.fastest(report), "",
+              f"![latency against batch size]({BENCH}/{bench.PLOT_FILE})\n"]
     if report.get("op_benchmark"):
         lines += ["### The fused operator alone\n", bench.op_table(report["op_benchmark"]), ""]
     lines += ["## Environment\n", bench.environment_line(report["env"]) + ".\n"]

@@ -51,6 +51,7 @@ def test_bench_writes_json_markdown_and_plot(artifacts, tmp_path, fast_op_benchm
     table = (tmp_path / "out" / "bench.md").read_text()
     assert "| eager | 1 | 3 |" in table and "| onnxruntime | 2 | 1 |" in table and "1.00x" in table
     assert "Fused BatchNorm+add+ReLU operator" in table and "3x64x7x7" in table
+    assert "- fastest with 2 thread(s): batch 1: " in table
     assert (tmp_path / "out" / "bench.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -77,6 +77,8 @@ def test_runner_reproduces_python_predictions(runner, tmp_path, size):
     correct = int((expected == labels).sum())
     assert f"accuracy: {correct / 100:.4f} ({correct}/100)" in result.stdout
     assert f"input 1x{size}x{size}" in result.stdout and "latency per batch (ms): p50" in result.stdout
+    first = ", ".join(f"{int(c)} {data.CLASSES[c]}" for c in expected[:5])
+    assert f"first predictions: {first}\n" in result.stdout
 
 
 def test_runner_reads_raw_float32_inputs(runner, tmp_path):

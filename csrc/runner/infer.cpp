@@ -7,8 +7,8 @@
 // idx images are pre-processed as resnet_deploy.data.preprocess does: pixels / 255, bilinear antialiased
 // resize when the size differs, then (x - mean) / std, with the input shape, mean and std that
 // `resnet-deploy export` stored in the model (the values of manifest.json). A raw file holds pre-processed
-// float32 inputs (N, C, H, W) in native byte order. Prints accuracy (with --labels) and model latency per
-// batch; --predictions writes one predicted class index per line.
+// float32 inputs (N, C, H, W) in native byte order. Prints accuracy (with --labels), model latency per
+// batch and the first predictions; --predictions writes one predicted class index per line.
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/cuda.h>
@@ -225,9 +225,14 @@ int run(const Options& o) {
   std::printf("latency per batch (ms): p50 %.3f  p90 %.3f  p99 %.3f  max %.3f\n", percentile(batch_ms, 50),
               percentile(batch_ms, 90), percentile(batch_ms, 99), percentile(batch_ms, 100));
   std::printf("throughput: %.1f images/s\n", count / (total_ms / 1000.0));
+  const auto* p = predicted.data_ptr<int64_t>();
+  std::string first;
+  for (int64_t i = 0; i < std::min<int64_t>(count, 5); ++i) {
+    first += (i ? ", " : "") + std::to_string(p[i]) + " " + spec.classes.at(p[i]);
+  }
+  std::printf("first predictions: %s\n", first.c_str());
   if (!o.predictions.empty()) {
     std::ofstream out(o.predictions);
-    const auto* p = predicted.data_ptr<int64_t>();
     for (int64_t i = 0; i < count; ++i) out << p[i] << '\n';
     if (!out) throw UsageError("cannot write predictions to " + o.predictions);
     std::printf("predictions: %s\n", o.predictions.c_str());

@@ -164,7 +164,7 @@ def parity_images(count: int, input_config: Dict[str, Any], in_channels: int,
                   data_dir: Optional[Union[str, Path]] = None, seed: int = 0) -> Tuple[Tensor, Optional[Tensor], str]:
     """(inputs, labels or None, where they came from): the first `count` Fashion-MNIST test images,
     pre-processed as in training, or seeded synthetic 28x28 images when the dataset is absent."""
-    images, labels = None, None
+    labels = None
     try:
         files = data.find_dataset(data_dir, download=False)
         images = data.read_idx(files["test_images"], ndim=3)[:count]

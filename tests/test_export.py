@@ -177,7 +177,8 @@ def test_refuses_a_checkpoint_that_does_not_match_its_architecture(tmp_path):
         export.load_model(wrong_arch)
     five_classes = small_model(num_classes=5)
     wrong_head = write_checkpoint(tmp_path / "b.pt", five_classes, config=dict(five_classes.config, num_classes=10))
-    with pytest.raises(ValueError, match=r"2 shape mismatches \(first: head\.2\.weight is \(5, 512\) but the model's is \(10, 512\)\)"):
+    mismatch = r"2 shape mismatches \(first: head\.2\.weight is \(5, 512\) but the model's is \(10, 512\)\)"
+    with pytest.raises(ValueError, match=mismatch):
         export.load_model(wrong_head)
     bad_input = write_checkpoint(tmp_path / "c.pt", small_model(), input_config={"size": 28})
     with pytest.raises(ValueError, match=r"has input .*; expected \{'size': \[H, W\]"):

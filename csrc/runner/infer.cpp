@@ -213,8 +213,8 @@ int run(const Options& o) {
   const at::Tensor predicted = at::cat(predictions);
 
   const double total_ms = std::accumulate(batch_ms.begin(), batch_ms.end(), 0.0);
-  std::printf("model: %s (input %" PRId64 "x%" PRId64 "x%" PRId64 ", mean %.4f, std %.4f, %zu classes) on %s, %d threads\n",
-              o.model.c_str(), spec.shape[0], spec.shape[1], spec.shape[2], spec.mean, spec.std,
+  std::printf("model: %s (input %" PRId64 "x%" PRId64 "x%" PRId64 ", mean %.4f, std %.4f, %zu classes)"
+              " on %s, threads %d\n", o.model.c_str(), spec.shape[0], spec.shape[1], spec.shape[2], spec.mean, spec.std,
               spec.classes.size(), o.device.c_str(), at::get_num_threads());
   std::printf("images: %" PRId64 " from %s, batch size %" PRId64 " (%zu batches, %" PRId64 " warm-up)\n", count,
               (o.raw.empty() ? o.images : o.raw).c_str(), o.batch_size, batch_ms.size(), o.warmup);

@@ -11,6 +11,7 @@ import onnx
 import onnxruntime
 import pytest
 import torch
+from conftest import REAL_DATASET, requires_real_dataset
 from test_models import randomize_batch_norms
 
 import resnet_deploy  # noqa: F401  (loads the operators)
@@ -140,6 +141,22 @@ def test_compare_flags_logit_and_top1_differences():
     assert drift["checks"][0]["max_abs_logit_diff"] == pytest.approx(1e-2, rel=1e-3)
     flipped = export.compare(reference, {"flipped": lambda x: -x * 2}, inputs, batch_sizes=[3])
     assert not flipped["passed"] and flipped["checks"][0]["top1_agreement"] < 1.0
+
+
+@requires_real_dataset
+def test_parity_images_are_the_first_real_test_images():
+    inputs, labels, source = export.parity_images(16, INPUT, 1, data_dir=REAL_DATASET)
+    files = data.find_dataset(REAL_DATASET, download=False)
+    assert torch.equal(labels, data.read_idx(files["test_labels"], ndim=1)[:16].long())
+    assert torch.equal(inputs, data.preprocess(data.read_idx(files["test_images"], ndim=3)[:16], 28))
+    assert source.startswith("16 Fashion-MNIST test images")
+
+
+def test_parity_images_fall_back_to_synthetic_only_without_a_data_dir(tmp_path):
+    inputs, labels, source = export.parity_images(5, INPUT, 1)
+    assert inputs.shape == (5, 1, 28, 28) and labels is None and "synthetic" in source
+    with pytest.raises(data.DatasetNotFoundError, match="Fashion-MNIST not found"):
+        export.parity_images(5, INPUT, 1, data_dir=tmp_path)
 
 
 def test_failing_parity_exits_non_zero_without_manifest(tmp_path, monkeypatch, capsys):

@@ -64,10 +64,12 @@ def extension():
     sources.append("csrc/python/module.cpp")
     macros = [("RESNET_DEPLOY_WITH_CUDA", "1" if with_cuda else "0"),
               ("RESNET_DEPLOY_TORCH_VERSION", f'"{torch.__version__}"')]
-    # -fopenmp-simd: honour the kernels' `#pragma omp simd` (vectorized reductions) without an OpenMP runtime.
-    cxx_flags = ["-O3", "-std=c++20", "-fopenmp-simd"]
+    # -fopenmp: at::parallel_for is an OpenMP header template that runs serially unless the extension itself is
+    # compiled with OpenMP; it also honours the kernels' `#pragma omp simd`. The runtime (libgomp.so.1) resolves
+    # to the one torch ships and has already loaded.
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
     if not with_cuda:
-        return CppExtension("resnet_deploy._C", sources, define_macros=macros,
+        return CppExtension("resnet_deploy._C", sources, define_macros=macros, extra_link_args=["-fopenmp"],
                             extra_compile_args={"cxx": cxx_flags}, include_dirs=[os.path.join(HERE, "csrc")])
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
@@ -75,7 +77,7 @@ def extension():
     print(f"resnet_deploy: CUDA architectures {archs}")
     macros.append(("RESNET_DEPLOY_CUDA_ARCHS", f'"{archs}"'))
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
-    return CUDAExtension("resnet_deploy._C", sources, define_macros=macros,
+    return CUDAExtension("resnet_deploy._C", sources, define_macros=macros, extra_link_args=["-fopenmp"],
                          extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20", "--use_fast_math"]},
                          include_dirs=[os.path.join(HERE, "csrc")])
 

@@ -243,9 +243,10 @@ def test_operators_registered_for_cuda():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"resnet_deploy::{name}", "CUDA")
 
 
-def test_build_info_names_this_torch():
+def test_build_info_names_this_torch_and_openmp():
     info = _library.build_info()
     assert info["torch"] == torch.__version__
+    assert info["openmp"], "without OpenMP at::parallel_for runs the kernels on one thread"
     assert resnet_deploy._C.__file__ == info["path"]
 
 

@@ -20,15 +20,18 @@ namespace {
 // Each walks one NCHW plane (a span of one channel) or a block of channels_last rows (every channel), with no
 // calls or structs in the loop body so that it vectorizes. RD_CPU_CLONES compiles each loop for AVX-512, for
 // AVX2 and for the baseline, and the loader picks the best the CPU has: one build runs everywhere.
+// NCHW kernels take a range of planes (a call per plane costs more than a 3x3 plane's work); the span_*
+// functions are their always-inlined bodies for one plane.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define RD_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define RD_CPU_CLONES
 #endif
+#define RD_ALWAYS_INLINE inline __attribute__((always_inline))
 
 // *sum += sum(x - shift), *sum_sq += sum((x - shift)^2) over n contiguous values.
 template <typename scalar_t, typename acc_t>
-RD_CPU_CLONES void span_shifted_sums(const scalar_t* __restrict__ x, int64_t n, acc_t shift, acc_t* sum, acc_t* sum_sq) {
+RD_ALWAYS_INLINE void span_shifted_sums(const scalar_t* __restrict__ x, int64_t n, acc_t shift, acc_t* sum, acc_t* sum_sq) {
   acc_t s = 0, ss = 0;
 #pragma omp simd reduction(+ : s, ss)
   for (int64_t i = 0; i < n; ++i) {
@@ -56,7 +59,7 @@ RD_CPU_CLONES void rows_shifted_sums(const scalar_t* __restrict__ x, int64_t row
 }
 
 template <typename scalar_t, typename acc_t, bool kResidual>
-RD_CPU_CLONES void span_forward(const scalar_t* __restrict__ x, const scalar_t* __restrict__ residual,
+RD_ALWAYS_INLINE void span_forward(const scalar_t* __restrict__ x, const scalar_t* __restrict__ residual,
                                 scalar_t* __restrict__ y, int64_t n, acc_t scale, acc_t shift) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
@@ -82,7 +85,7 @@ RD_CPU_CLONES void rows_forward(const scalar_t* __restrict__ x, const scalar_t* 
 // *sum_dz += sum(dz), *sum_dz_xmu += sum(dz * (x - mean)), with dz the gradient behind the ReLU; with
 // kStoreDz, dz is also written out (it is the residual's gradient, and the next pass reads it back).
 template <typename scalar_t, typename acc_t, bool kStoreDz>
-RD_CPU_CLONES void span_backward_sums(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ out,
+RD_ALWAYS_INLINE void span_backward_sums(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ out,
                                       const scalar_t* __restrict__ x, scalar_t* __restrict__ dz_out, int64_t n,
                                       acc_t mean, acc_t* sum_dz, acc_t* sum_dz_xmu) {
   acc_t s0 = 0, s1 = 0;
@@ -117,7 +120,7 @@ RD_CPU_CLONES void rows_backward_sums(const scalar_t* __restrict__ grad_out, con
 // dx = a * dz + b * x + c (see input_grad_coeffs); dz is read back when kStoredDz, else recomputed from
 // grad_out and out.
 template <typename scalar_t, typename acc_t, bool kStoredDz>
-RD_CPU_CLONES void span_backward_apply(const scalar_t* __restrict__ grad_out_or_dz, const scalar_t* __restrict__ out,
+RD_ALWAYS_INLINE void span_backward_apply(const scalar_t* __restrict__ grad_out_or_dz, const scalar_t* __restrict__ out,
                                        const scalar_t* __restrict__ x, scalar_t* __restrict__ grad_input, int64_t n,
                                        acc_t a, acc_t b, acc_t c) {
   const InputGradCoeffs<acc_t> k{a, b, c};
@@ -147,6 +150,57 @@ RD_CPU_CLONES void rows_backward_apply(const scalar_t* __restrict__ grad_out_or_
   }
 }
 
+// ---- NCHW: planes [begin, end) of N*C, plane p holding channel p % C ----
+
+template <typename scalar_t, typename acc_t>
+RD_CPU_CLONES void planes_shifted_sums(const scalar_t* x, int64_t begin, int64_t end, int64_t plane, int64_t channels,
+                                       const acc_t* shift, double* sum, double* sum_sq) {
+  for (int64_t p = begin; p < end; ++p) {
+    const int64_t c = p % channels;
+    acc_t s = 0, ss = 0;  // one plane in acc_t, then into double
+    span_shifted_sums<scalar_t, acc_t>(x + p * plane, plane, shift[c], &s, &ss);
+    sum[c] += s;
+    sum_sq[c] += ss;
+  }
+}
+
+template <typename scalar_t, typename acc_t, bool kResidual>
+RD_CPU_CLONES void planes_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, int64_t begin, int64_t end,
+                                  int64_t plane, int64_t channels, const acc_t* scale, const acc_t* shift) {
+  for (int64_t p = begin; p < end; ++p) {
+    const int64_t c = p % channels;
+    span_forward<scalar_t, acc_t, kResidual>(x + p * plane, kResidual ? residual + p * plane : nullptr,
+                                             y + p * plane, plane, scale[c], shift[c]);
+  }
+}
+
+template <typename scalar_t, typename acc_t, bool kStoreDz>
+RD_CPU_CLONES void planes_backward_sums(const scalar_t* grad_out, const scalar_t* out, const scalar_t* x,
+                                        scalar_t* dz_out, int64_t begin, int64_t end, int64_t plane,
+                                        int64_t channels, const acc_t* mean, double* sum_dz, double* sum_dz_xmu) {
+  for (int64_t p = begin; p < end; ++p) {
+    const int64_t c = p % channels;
+    const int64_t o = p * plane;
+    acc_t s0 = 0, s1 = 0;
+    span_backward_sums<scalar_t, acc_t, kStoreDz>(grad_out + o, out + o, x + o, kStoreDz ? dz_out + o : nullptr,
+                                                  plane, mean[c], &s0, &s1);
+    sum_dz[c] += s0;
+    sum_dz_xmu[c] += s1;
+  }
+}
+
+template <typename scalar_t, typename acc_t, bool kStoredDz>
+RD_CPU_CLONES void planes_backward_apply(const scalar_t* grad_out_or_dz, const scalar_t* out, const scalar_t* x,
+                                         scalar_t* grad_input, int64_t begin, int64_t end, int64_t plane,
+                                         int64_t channels, const acc_t* ka, const acc_t* kb, const acc_t* kc) {
+  for (int64_t p = begin; p < end; ++p) {
+    const int64_t c = p % channels;
+    const int64_t o = p * plane;
+    span_backward_apply<scalar_t, acc_t, kStoredDz>(grad_out_or_dz + o, out + o, x + o, grad_input + o, plane,
+                                                    ka[c], kb[c], kc[c]);
+  }
+}
+
 // ---- Parallel drivers ----
 
 // Work below this many elements per task is not worth a thread hand-off.
@@ -154,11 +208,11 @@ constexpr int64_t kElementsPerTask = 32768;
 // channels_last partial sums stay in acc_t for this many rows, then move into double.
 constexpr int64_t kRowsPerPartialSum = 64;
 
-// Two sums per channel, in double. add_span(offset, n, c, &s0, &s1) adds one NCHW plane of channel c;
-// add_rows(offset, rows, s0[], s1[]) adds a block of channels_last rows into per-channel acc_t arrays.
+// Two sums per channel, in double. add_planes(begin, end, s0[], s1[]) adds NCHW planes into per-channel double
+// arrays; add_rows(offset, rows, s0[], s1[]) adds a block of channels_last rows into per-channel acc_t arrays.
 // Both layouts are read in memory order, each thread into partial sums of its own, combined at the end.
-template <typename acc_t, typename AddSpan, typename AddRows>
-void channel_sums(const Geometry& g, const AddSpan& add_span, const AddRows& add_rows, std::vector<double>& sum0,
+template <typename acc_t, typename AddPlanes, typename AddRows>
+void channel_sums(const Geometry& g, const AddPlanes& add_planes, const AddRows& add_rows, std::vector<double>& sum0,
                   std::vector<double>& sum1) {
   const int64_t channels = g.channels;
   const int threads = at::get_num_threads();
@@ -168,12 +222,7 @@ void channel_sums(const Geometry& g, const AddSpan& add_span, const AddRows& add
     at::parallel_for(0, g.batch * channels, grain, [&](int64_t begin, int64_t end) {
       double* p0 = partial.data() + 2 * at::get_thread_num() * channels;
       double* p1 = p0 + channels;
-      for (int64_t p = begin; p < end; ++p) {
-        acc_t s0 = 0, s1 = 0;  // one plane in acc_t, then into double
-        add_span(p * g.plane, g.plane, p % channels, &s0, &s1);
-        p0[p % channels] += s0;
-        p1[p % channels] += s1;
-      }
+      add_planes(begin, end, p0, p1);
     });
   } else {
     const int64_t grain = std::max<int64_t>(1, kElementsPerTask / channels);
@@ -202,15 +251,15 @@ void channel_sums(const Geometry& g, const AddSpan& add_span, const AddRows& add
   }
 }
 
-// Elementwise work in memory order: apply_span(offset, n, c) for NCHW planes, apply_rows(offset, rows) for
-// blocks of channels_last rows.
-template <typename ApplySpan, typename ApplyRows>
-void elementwise(const Geometry& g, const ApplySpan& apply_span, const ApplyRows& apply_rows) {
+// Elementwise work in memory order: apply_planes(begin, end) for a range of NCHW planes, apply_rows(offset, rows)
+// for blocks of channels_last rows.
+template <typename ApplyPlanes, typename ApplyRows>
+void elementwise(const Geometry& g, const ApplyPlanes& apply_planes, const ApplyRows& apply_rows) {
   const int64_t channels = g.channels;
   if (!g.channels_last) {
     const int64_t grain = std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, g.plane));
     at::parallel_for(0, g.batch * channels, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) apply_span(p * g.plane, g.plane, p % channels);
+      apply_planes(begin, end);
     });
     return;
   }
@@ -221,6 +270,35 @@ void elementwise(const Geometry& g, const ApplySpan& apply_span, const ApplyRows
 
 // ---- Passes ----
 
+// NCHW planes smaller than this are walked as channels_last rows of C*H*W values (one sample each), with every
+// per-channel value repeated H*W times, so that inner loops are long enough to vectorize.
+constexpr int64_t kSmallPlane = 32;
+
+bool walk_as_rows(const Geometry& g) {
+  return !g.channels_last && g.plane < kSmallPlane;
+}
+
+Geometry rows_geometry(const Geometry& g) {
+  return {g.batch, g.channels * g.plane, 1, true};
+}
+
+// Per-channel values in the geometry that walks g: repeated per plane element when g is walked as rows.
+template <typename T>
+std::vector<T> per_walked_channel(const T* values, const Geometry& g) {
+  if (!walk_as_rows(g)) return std::vector<T>(values, values + g.channels);
+  std::vector<T> repeated(g.channels * g.plane);
+  for (int64_t i = 0; i < g.channels * g.plane; ++i) repeated[i] = values[i / g.plane];
+  return repeated;
+}
+
+// Sums over walked channels folded back to one per channel.
+std::vector<double> per_channel_sums(const std::vector<double>& sums, const Geometry& g) {
+  if (!walk_as_rows(g)) return sums;
+  std::vector<double> folded(g.channels, 0.0);
+  for (int64_t i = 0; i < g.channels * g.plane; ++i) folded[i / g.plane] += sums[i];
+  return folded;
+}
+
 // Batch mean and inverse std of every channel, from sums shifted by the channel's first value.
 template <typename scalar_t, typename acc_t>
 void batch_stats(const Geometry& g, const scalar_t* x, acc_t* mean, acc_t* invstd, double eps) {
@@ -228,16 +306,20 @@ void batch_stats(const Geometry& g, const scalar_t* x, acc_t* mean, acc_t* invst
   for (int64_t c = 0; c < g.channels; ++c) {
     shift[c] = static_cast<acc_t>(x[g.channels_last ? c : c * g.plane]);
   }
+  const Geometry w = walk_as_rows(g) ? rows_geometry(g) : g;
+  const std::vector<acc_t> walked_shift = per_walked_channel(shift.data(), g);
   std::vector<double> sum, sum_sq;
   channel_sums<acc_t>(
-      g,
-      [&](int64_t offset, int64_t n, int64_t c, acc_t* s, acc_t* ss) {
-        span_shifted_sums<scalar_t, acc_t>(x + offset, n, shift[c], s, ss);
+      w,
+      [&](int64_t begin, int64_t end, double* s, double* ss) {
+        planes_shifted_sums<scalar_t, acc_t>(x, begin, end, w.plane, w.channels, walked_shift.data(), s, ss);
       },
       [&](int64_t offset, int64_t rows, acc_t* s, acc_t* ss) {
-        rows_shifted_sums<scalar_t, acc_t>(x + offset, rows, g.channels, shift.data(), s, ss);
+        rows_shifted_sums<scalar_t, acc_t>(x + offset, rows, w.channels, walked_shift.data(), s, ss);
       },
       sum, sum_sq);
+  sum = per_channel_sums(sum, g);
+  sum_sq = per_channel_sums(sum_sq, g);
   for (int64_t c = 0; c < g.channels; ++c) {
     const MeanVar<acc_t> mv = mean_var_from_shifted_sums<acc_t>(sum[c], sum_sq[c], double(g.per_channel()), shift[c]);
     mean[c] = mv.mean;
@@ -248,11 +330,16 @@ void batch_stats(const Geometry& g, const scalar_t* x, acc_t* mean, acc_t* invst
 template <typename scalar_t, typename acc_t, bool kResidual>
 void normalize_add_relu_pass(const Geometry& g, const scalar_t* x, const scalar_t* r, scalar_t* y,
                              const std::vector<acc_t>& scale, const std::vector<acc_t>& shift) {
+  if (walk_as_rows(g)) {
+    return normalize_add_relu_pass<scalar_t, acc_t, kResidual>(rows_geometry(g), x, r, y,
+                                                                per_walked_channel(scale.data(), g),
+                                                                per_walked_channel(shift.data(), g));
+  }
   elementwise(
       g,
-      [&](int64_t offset, int64_t n, int64_t c) {
-        span_forward<scalar_t, acc_t, kResidual>(x + offset, kResidual ? r + offset : nullptr, y + offset, n,
-                                                 scale[c], shift[c]);
+      [&](int64_t begin, int64_t end) {
+        planes_forward<scalar_t, acc_t, kResidual>(x, r, y, begin, end, g.plane, g.channels, scale.data(),
+                                                   shift.data());
       },
       [&](int64_t offset, int64_t rows) {
         rows_forward<scalar_t, acc_t, kResidual>(x + offset, kResidual ? r + offset : nullptr, y + offset, rows,
@@ -287,20 +374,25 @@ template <typename scalar_t, typename acc_t, bool kStoreDz>
 void backward_passes(const Geometry& g, const scalar_t* gy, const scalar_t* y, const scalar_t* x, scalar_t* gx,
                      scalar_t* dz, const acc_t* mean, const acc_t* invstd, const acc_t* weight, bool training,
                      acc_t* grad_weight, acc_t* grad_bias) {
-  const int64_t channels = g.channels;
+  const Geometry w = walk_as_rows(g) ? rows_geometry(g) : g;
+  const std::vector<acc_t> walked_mean = per_walked_channel(mean, g);
   std::vector<double> sum_dz, sum_dz_xmu;
   channel_sums<acc_t>(
-      g,
-      [&](int64_t offset, int64_t n, int64_t c, acc_t* s0, acc_t* s1) {
-        span_backward_sums<scalar_t, acc_t, kStoreDz>(gy + offset, y + offset, x + offset,
-                                                      kStoreDz ? dz + offset : nullptr, n, mean[c], s0, s1);
+      w,
+      [&](int64_t begin, int64_t end, double* s0, double* s1) {
+        planes_backward_sums<scalar_t, acc_t, kStoreDz>(gy, y, x, dz, begin, end, w.plane, w.channels,
+                                                        walked_mean.data(), s0, s1);
       },
       [&](int64_t offset, int64_t rows, acc_t* s0, acc_t* s1) {
         rows_backward_sums<scalar_t, acc_t, kStoreDz>(gy + offset, y + offset, x + offset,
-                                                      kStoreDz ? dz + offset : nullptr, rows, channels, mean, s0, s1);
+                                                      kStoreDz ? dz + offset : nullptr, rows, w.channels,
+                                                      walked_mean.data(), s0, s1);
       },
       sum_dz, sum_dz_xmu);
+  sum_dz = per_channel_sums(sum_dz, g);
+  sum_dz_xmu = per_channel_sums(sum_dz_xmu, g);
 
+  const int64_t channels = g.channels;
   std::vector<acc_t> ka(channels), kb(channels), kc(channels);
   const acc_t count = static_cast<acc_t>(g.per_channel());
   for (int64_t c = 0; c < channels; ++c) {
@@ -314,16 +406,19 @@ void backward_passes(const Geometry& g, const scalar_t* gy, const scalar_t* y, c
     grad_bias[c] = static_cast<acc_t>(sum_dz[c]);
   }
 
+  const std::vector<acc_t> walked_a = per_walked_channel(ka.data(), g);
+  const std::vector<acc_t> walked_b = per_walked_channel(kb.data(), g);
+  const std::vector<acc_t> walked_c = per_walked_channel(kc.data(), g);
   const scalar_t* source = kStoreDz ? dz : gy;
   elementwise(
-      g,
-      [&](int64_t offset, int64_t n, int64_t c) {
-        span_backward_apply<scalar_t, acc_t, kStoreDz>(source + offset, y + offset, x + offset, gx + offset, n,
-                                                       ka[c], kb[c], kc[c]);
+      w,
+      [&](int64_t begin, int64_t end) {
+        planes_backward_apply<scalar_t, acc_t, kStoreDz>(source, y, x, gx, begin, end, w.plane, w.channels,
+                                                         walked_a.data(), walked_b.data(), walked_c.data());
       },
       [&](int64_t offset, int64_t rows) {
         rows_backward_apply<scalar_t, acc_t, kStoreDz>(source + offset, y + offset, x + offset, gx + offset, rows,
-                                                       channels, ka.data(), kb.data(), kc.data());
+                                                       w.channels, walked_a.data(), walked_b.data(), walked_c.data());
       });
 }
 

@@ -13,6 +13,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     info["cuda"] = static_cast<bool>(RESNET_DEPLOY_WITH_CUDA);
     info["cuda_archs"] = std::string(RESNET_DEPLOY_CUDA_ARCHS);
     info["torch"] = std::string(RESNET_DEPLOY_TORCH_VERSION);
+#ifdef _OPENMP
+    info["openmp"] = true;  // at::parallel_for only runs threads in code compiled with OpenMP
+#else
+    info["openmp"] = false;
+#endif
     return info;
   });
 }

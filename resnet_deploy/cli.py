@@ -47,7 +47,7 @@ def add_train_parser(subparsers) -> None:
     add = parser.add_argument
     bool_flag = argparse.BooleanOptionalAction
     add("--preset", choices=["quick", "d2l"], default="quick",
-        help="quick: 28x28, 5 epochs, one-cycle SGD (minutes on 2 cores); d2l: the chapter's 96x96 recipe")
+        help="quick: 28x28, 4 epochs, one-cycle SGD (minutes on 2 cores); d2l: the chapter's 96x96 recipe")
     add("--out", help="run directory for checkpoint.pt, metrics.json and curves.png (default: runs/<preset>)")
     add("--resume", action="store_true", default=None, help="continue the run in --out from its last checkpoint")
     add("--data-dir", help="directory with the Fashion-MNIST idx files (then $RESNET_DEPLOY_DATA, the system "

@@ -72,7 +72,7 @@ def test_runs_are_deterministic_for_a_seed(dataset_dir, tmp_path):
 
 
 def test_resume_continues_where_the_run_stopped_with_nothing_lost(dataset_dir, tmp_path, monkeypatch, capsys):
-    argv = ["--epochs", "3"]
+    argv = ["--epochs", "3", "--augment"]
     assert cli.main(tiny_argv(dataset_dir, tmp_path / "straight", *argv)) == 0
 
     save_run = training.save_run

@@ -29,6 +29,9 @@ bench.json, schema_version 1:
                     peak_rss_mb                                  the process's peak resident memory while this
                                                                  predictor was loaded and run (Python and libraries
                                                                  included; env.baseline_rss_mb is the floor)
+                    rss_growth_mb                                that peak less the resident memory before loading:
+                                                                 what the predictor added (memory freed earlier
+                                                                 in the process may be reused, so a lower bound)
   errors          [{backend, threads, error}] of predictors that failed to load or run (the others still run)
   op_benchmark    op_benchmark.run's report (fused operator vs eager vs torch.compile), or null
 """
@@ -58,7 +61,8 @@ DEFAULT_BATCH_SIZES = (1, 8, 64)
 RESULT_FIELDS = {  # name: type, the fields every result has (checked by check_schema)
     "backend": str, "batch_size": int, "threads": int, "device": str, "p50_ms": float, "p90_ms": float,
     "p99_ms": float, "mean_ms": float, "std_ms": float, "min_ms": float, "max_ms": float, "runs": int,
-    "stable": bool, "throughput": float, "first_call_ms": float, "load_ms": float, "peak_rss_mb": float}
+    "stable": bool, "throughput": float, "first_call_ms": float, "load_ms": float, "peak_rss_mb": float,
+    "rss_growth_mb": float}
 
 
 def default_threads() -> List[int]:
@@ -237,6 +241,7 @@ def _bench_predictor(artifact_dir, backend: str, threads: int, images: np.ndarra
     if backend == "torch.compile":
         torch._dynamo.reset()  # compile from scratch, as a new process would, not from the last load's cache
     _reset_peak_rss()
+    before = _proc_status_mb("VmRSS") or 0.0
     started = time.perf_counter()
     predictor = runtime.load(artifact_dir, backend, threads=threads)
     load_ms = (time.perf_counter() - started) * 1e3
@@ -257,7 +262,7 @@ def _bench_predictor(artifact_dir, backend: str, threads: int, images: np.ndarra
             f"({row['runs']} runs{'' if stable else ', not stable'})")
     peak = _proc_status_mb("VmHWM") or 0.0
     for row in rows:
-        row["peak_rss_mb"] = peak
+        row.update(peak_rss_mb=peak, rss_growth_mb=max(0.0, peak - before))
     del predictor
     return rows
 
@@ -310,14 +315,14 @@ def results_table(report: Dict[str, Any]) -> str:
     """The latency table in markdown; `vs eager` is the eager backend's p50 over this one's (same batch, threads)."""
     eager = {(r["threads"], r["batch_size"]): r["p50_ms"] for r in report["results"] if r["backend"] == "eager"}
     lines = ["| backend | threads | batch | p50 ms | p90 ms | p99 ms | mean ± std ms | images/s | vs eager | "
-             "first call ms | load ms | peak RSS MB | runs |",
+             "first call ms | load ms | peak RSS MB (+growth) | runs |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in _ordered(report):
         reference = eager.get((r["threads"], r["batch_size"]))
         speedup = f"{reference / r['p50_ms']:.2f}x" if reference else "-"
         lines.append(f"| {r['backend']} | {r['threads']} | {r['batch_size']} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | "
                      f"{r['p99_ms']:.2f} | {r['mean_ms']:.2f} ± {r['std_ms']:.2f} | {r['throughput']:.0f} | {speedup} | "
-                     f"{r['first_call_ms']:.0f} | {r['load_ms']:.0f} | {r['peak_rss_mb']:.0f} | "
+                     f"{r['first_call_ms']:.0f} | {r['load_ms']:.0f} | {r['peak_rss_mb']:.0f} (+{r['rss_growth_mb']:.0f}) | "
                      f"{r['runs']}{'' if r['stable'] else ' (unstable)'} |")
     for e in report["errors"]:
         lines.append(f"| {e['backend']} | {e['threads']} | - | failed: {e['error'][:120]} | | | | | | | | | |")

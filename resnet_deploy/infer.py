@@ -127,7 +127,7 @@ def infer(artifact_dir: Union[str, Path], input_path: Union[str, Path], output: 
         seconds = time.perf_counter() - started
         labelled = int(confusion.sum())
         summary = {
-            "input": str(source.path), "kind": source.kind, "labels": str(source.labels_path or "") or None,
+            "input": str(source.path), "kind": source.kind, "labels": str(source.labels_path) if source.labels_path else None,
             "artifact_dir": str(artifact_dir), "backend": predictor.backend, "device": predictor.device,
             "threads": predictor.threads, "batch_size": batch_size, "output": str(output),
             "images": seen, "unreadable": [{"name": n, "reason": r} for n, r in source.unreadable],

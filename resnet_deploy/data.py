@@ -8,7 +8,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -107,24 +107,34 @@ def _download(root: Path) -> None:
         FashionMNIST(str(root), train=train, download=True)
 
 
-def find_dataset(data_dir: Optional[Union[str, Path]] = None, download: bool = True) -> dict:
+def find_dataset(data_dir: Optional[Union[str, Path]] = None, download: bool = True,
+                 log: Optional[Callable[[str], None]] = None) -> dict:
     """Paths of the four idx files: from data_dir, then $RESNET_DEPLOY_DATA, then /usr/share/datasets/
     fashion-mnist, then a torchvision download (into data_dir, $RESNET_DEPLOY_DATA or ~/.cache/resnet-deploy).
 
-    Raises DatasetNotFoundError naming every place tried when none has all four files.
+    log, if given, is told where the files were found and which configured places were passed over (so a
+    mistyped --data-dir is visible). Raises DatasetNotFoundError naming every place tried when none has them.
     """
     env_dir = os.environ.get(ENV_VAR) or None
     places = [("--data-dir", data_dir), (f"${ENV_VAR}", env_dir), ("the system dataset", SYSTEM_DIR)]
-    tried = []
+    tried, passed_over = [], []
+
+    def found_in(files: dict) -> dict:
+        if log is not None:
+            log(f"Fashion-MNIST from {files['train_images'].parent}"
+                + (f" (passed over {'; '.join(passed_over)})" if passed_over else ""))
+        return files
+
     for label, directory in places:
         if directory is None:
             tried.append(f"{label} (not set)")
             continue
         found, missing = _dataset_files(Path(directory))
         if not missing:
-            return found
+            return found_in(found)
         what = "does not exist" if not Path(directory).is_dir() else f"lacks {', '.join(missing)}"
         tried.append(f"{label} {directory} ({what})")
+        passed_over.append(tried[-1])
 
     target = Path(data_dir or env_dir or DOWNLOAD_DIR)
     if download:
@@ -132,7 +142,7 @@ def find_dataset(data_dir: Optional[Union[str, Path]] = None, download: bool = T
             _download(target)
             found, missing = _dataset_files(target)
             if not missing:
-                return found
+                return found_in(found)
             tried.append(f"a torchvision download into {target} (it left out {', '.join(missing)})")
         except Exception as error:  # offline, proxy, DNS, ...: all mean "no download", reported below
             tried.append(f"a torchvision download into {target} (failed: {error})")
@@ -145,9 +155,10 @@ def find_dataset(data_dir: Optional[Union[str, Path]] = None, download: bool = T
 
 
 def load_fashion_mnist(data_dir: Optional[Union[str, Path]] = None, download: bool = True,
-                       num_classes: int = len(CLASSES)) -> Tuple[Split, Split]:
+                       num_classes: int = len(CLASSES), log: Optional[Callable[[str], None]] = None
+                       ) -> Tuple[Split, Split]:
     """(train, test) Splits from the first location find_dataset finds, validated against each other."""
-    files = find_dataset(data_dir, download)
+    files = find_dataset(data_dir, download, log)
     splits = []
     for split in ("train", "test"):
         images = read_idx(files[f"{split}_images"], ndim=3)

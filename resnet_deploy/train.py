@@ -186,7 +186,8 @@ def train(config: TrainConfig, given: Optional[Dict[str, Any]] = None) -> nn.Mod
     torch.set_num_threads(config.threads or default_threads())
     torch.manual_seed(config.seed)
 
-    train_split, test_split = data.load_fashion_mnist(config.data_dir, config.download)
+    log = (lambda message: print(message, flush=True)) if master else None
+    train_split, test_split = data.load_fashion_mnist(config.data_dir, config.download, log=log)
     if len(train_split) // world_size < config.batch_size:
         raise ValueError(f"batch_size {config.batch_size} is larger than the {len(train_split) // world_size} "
                          f"training images each of the {world_size} process(es) gets; lower --batch-size")

@@ -91,7 +91,9 @@ def test_search_order_is_data_dir_then_environment_then_system(tmp_path, monkeyp
     monkeypatch.setattr(data, "SYSTEM_DIR", third)
     assert len(data.load_fashion_mnist(first, download=False)[0]) == 20
     assert len(data.load_fashion_mnist(None, download=False)[0]) == 30
-    assert len(data.load_fashion_mnist(tmp_path / "missing", download=False)[0]) == 30
+    logged = []
+    assert len(data.load_fashion_mnist(tmp_path / "missing", download=False, log=logged.append)[0]) == 30
+    assert logged == [f"Fashion-MNIST from {second} (passed over --data-dir {tmp_path / 'missing'} (does not exist))"]
     monkeypatch.delenv(data.ENV_VAR)
     assert len(data.load_fashion_mnist(None, download=False)[0]) == 40
 

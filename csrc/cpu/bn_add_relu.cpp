@@ -251,21 +251,27 @@ void channel_sums(const Geometry& g, const AddPlanes& add_planes, const AddRows&
   }
 }
 
-// Elementwise work in memory order: apply_planes(begin, end) for a range of NCHW planes, apply_rows(offset, rows)
-// for blocks of channels_last rows.
+// The elementwise pass after a reduction pass: apply_planes(begin, end) for a range of NCHW planes,
+// apply_rows(offset, rows) for a block of channels_last rows. Each thread takes the same range as in the
+// reduction (same total and grain) but walks it from the end in blocks: the reduction finished there, so that
+// part of its tensors is still in the last-level cache, while in memory order the pass would start on what
+// the reduction read first, the part most likely evicted.
 template <typename ApplyPlanes, typename ApplyRows>
 void elementwise(const Geometry& g, const ApplyPlanes& apply_planes, const ApplyRows& apply_rows) {
   const int64_t channels = g.channels;
-  if (!g.channels_last) {
-    const int64_t grain = std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, g.plane));
-    at::parallel_for(0, g.batch * channels, grain, [&](int64_t begin, int64_t end) {
-      apply_planes(begin, end);
-    });
-    return;
-  }
-  const int64_t grain = std::max<int64_t>(1, kElementsPerTask / channels);
-  at::parallel_for(0, g.batch * g.plane, grain,
-                   [&](int64_t begin, int64_t end) { apply_rows(begin * channels, end - begin); });
+  const int64_t per_unit = g.channels_last ? channels : std::max<int64_t>(1, g.plane);  // planes or rows
+  const int64_t grain = std::max<int64_t>(1, kElementsPerTask / per_unit);
+  const int64_t units = g.channels_last ? g.batch * g.plane : g.batch * channels;
+  at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t stop = end; stop > begin; stop -= grain) {
+      const int64_t start = std::max(begin, stop - grain);
+      if (g.channels_last) {
+        apply_rows(start * channels, stop - start);
+      } else {
+        apply_planes(start, stop);
+      }
+    }
+  });
 }
 
 // ---- Passes ----

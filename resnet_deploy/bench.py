@@ -16,7 +16,8 @@ bench.json, schema_version 1:
   env             the fingerprint: cpu, cpu_capability, cores, available_cores, memory_gb, platform, python,
                   versions {torch, onnxruntime, onnx, numpy, resnet_deploy}, op_library (build info),
                   git_commit, git_dirty, threads (the settings), torch_interop_threads, thread_env
-                  (OMP_NUM_THREADS, MKL_NUM_THREADS, ...), cuda_available, timestamp (UTC)
+                  (OMP_NUM_THREADS, MKL_NUM_THREADS, ...), cuda_available, baseline_rss_mb,
+                  malloc (resnet_deploy.allocator.status()), timestamp (UTC)
   artifact        dir, model (the manifest's), input (shape without the batch axis)
   settings        backends, batch_sizes, threads, warmup_s, min_time_s, max_time_s, min_runs, max_runs, tolerance
   results         one per backend x threads x batch size that ran:
@@ -53,7 +54,7 @@ import numpy as np
 import torch
 
 import resnet_deploy
-from resnet_deploy import runtime
+from resnet_deploy import allocator, runtime
 
 SCHEMA_VERSION = 1
 JSON_FILE, MARKDOWN_FILE, PLOT_FILE = "bench.json", "bench.md", "bench.png"
@@ -133,7 +134,7 @@ def environment(threads: Sequence[int]) -> Dict[str, Any]:
         "threads": list(threads), "torch_interop_threads": torch.get_num_interop_threads(),
         "thread_env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")},
         "cuda_available": torch.cuda.is_available(), "onnxruntime_providers": onnxruntime.get_available_providers(),
-        "baseline_rss_mb": _proc_status_mb("VmRSS"),
+        "baseline_rss_mb": _proc_status_mb("VmRSS"), "malloc": allocator.status(),
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 

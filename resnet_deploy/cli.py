@@ -3,7 +3,8 @@
 Each subcommand is an add_<name>_parser(subparsers) function that declares its flags and sets a handler;
 a handler takes the parsed arguments and does the work, importing its stage's module only when it runs.
 Errors a user can cause (ValueError, OSError) are printed as one line, without a traceback, and exit 1;
-RESNET_DEPLOY_DEBUG=1 shows the traceback.
+RESNET_DEPLOY_DEBUG=1 shows the traceback. Every subcommand keeps freed memory for reuse
+(resnet_deploy.allocator) unless --system-malloc is given.
 """
 import argparse
 import os
@@ -14,7 +15,7 @@ from typing import List, Optional
 import torch
 
 import resnet_deploy
-from resnet_deploy import bench, demo, export, infer
+from resnet_deploy import allocator, bench, demo, export, infer
 
 
 # ------------------------------------------------------------------------------------------------- info
@@ -35,6 +36,7 @@ def run_info(args: argparse.Namespace) -> None:
     print(f"torchvision {torchvision.__version__}")
     for key, value in _library.build_info().items():
         print(f"operator library {key}: {value}")
+    print(f"malloc: {allocator.status()}")
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -86,6 +88,9 @@ PARSERS = [add_info_parser, add_train_parser, export.add_parser, infer.add_parse
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="resnet-deploy", description=resnet_deploy.__doc__)
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="keep glibc's malloc defaults; by default freed blocks of up to 32 MB stay in the process "
+                             "for reuse, so new activations do not page-fault (resident memory stays near its peak)")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_parser in PARSERS:
         add_parser(subparsers)
@@ -94,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.system_malloc:
+        allocator.retain_freed_memory()
     try:
         args.handler(args)
     except (ValueError, OSError) as error:

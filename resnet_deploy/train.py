@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from resnet_deploy import data
+from resnet_deploy import allocator, data
 from resnet_deploy.models import ARCHS, build_model, load_checkpoint
 
 
@@ -302,7 +302,7 @@ def save_run(out: Path, model: nn.Module, config: TrainConfig, epoch: int, histo
         "metrics": history,
     }
     atomic_write(out / CHECKPOINT, lambda f: torch.save(checkpoint, f))
-    metrics = {"config": asdict(config), "world_size": world_size, "epochs": history}
+    metrics = {"config": asdict(config), "world_size": world_size, "malloc": allocator.status(), "epochs": history}
     atomic_write(out / METRICS, lambda f: f.write(json.dumps(metrics, indent=2).encode()))
     plot_curves(history, out / CURVES)
 

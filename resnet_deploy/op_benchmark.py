@@ -2,11 +2,17 @@
 activation shape or at every fused site of ResNet-18, and of whole fused vs unfused ResNet-18 steps.
 
 Every figure is a median from torch.utils.benchmark, measured in one run next to its baselines and next to the
-machine's memory-bandwidth bound: the bytes the operation must move divided by the copy bandwidth measured
-on a tensor of the same size in the same run.
+machine's memory-bandwidth bound: the bytes the operation must move divided by the bandwidth of a copy that
+touches as many distinct bytes as the operation does (its footprint), measured in the same run. Matching the
+footprint matters: one 9.4 MB activation copies from the last-level cache, while a training step's six
+activations (56 MB) stream from DRAM at a third of that speed.
+
+Each row also counts the minor page faults per call, because fresh output allocations that the allocator
+backs with new pages can cost more than the arithmetic (see resnet_deploy.allocator).
 """
 import json
 import platform
+import resource
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -14,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils import benchmark
 
+from resnet_deploy import allocator
 from resnet_deploy.ops import batch_norm_add_relu
 
 # Tensor passes that must move at the least: eval reads x and residual and writes y; training forward and
@@ -21,6 +28,11 @@ from resnet_deploy.ops import batch_norm_add_relu
 # in training (its read in the forward, its gradient's write in the backward) and one fewer in eval.
 EVAL_PASSES = 3
 TRAIN_PASSES = 10
+# Distinct activation-sized tensors each mode touches: x, residual, y; in training also grad_y, grad_x and
+# grad_residual. Without a residual, one fewer in eval and two fewer in training.
+EVAL_FOOTPRINT = 3
+TRAIN_FOOTPRINT = 6
+FAULT_COUNT_CALLS = 20
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
@@ -34,6 +46,9 @@ class Row:
     eager_ms: float
     compile_ms: Optional[float]
     bound_ms: float
+    bandwidth_gbs: float  # of the footprint-matched copy behind bound_ms
+    fused_faults: float  # minor page faults per call
+    eager_faults: float
 
     @property
     def speedup_vs_eager(self) -> float:
@@ -46,12 +61,22 @@ def median_ms(fn: Callable[[], object], min_run_time: float) -> float:
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
-def copy_bandwidth(numel: int, min_run_time: float) -> float:
-    """Bytes per second of a same-size float32 copy (read + write counted)."""
-    src = torch.randn(numel)
+def copy_bandwidth(footprint_bytes: int, min_run_time: float) -> float:
+    """Bytes per second (read + write counted) of a float32 copy whose source and destination together
+    take footprint_bytes."""
+    src = torch.randn(max(1, footprint_bytes // 8))
     dst = torch.empty_like(src)
     seconds = median_ms(lambda: dst.copy_(src), min_run_time) / 1e3
     return 2 * src.numel() * src.element_size() / seconds
+
+
+def faults_per_call(fn: Callable[[], object], calls: int = FAULT_COUNT_CALLS) -> float:
+    """Minor page faults per call of fn (in every thread of the process), after a warm-up call."""
+    fn()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
 
 
 def _inputs(shape, memory_format, requires_grad, with_residual=True):
@@ -93,39 +118,49 @@ def _train_step(fn, args):
     return step
 
 
-def measure(shape, memory_format: str, bandwidth: float, with_compile: bool, min_run_time: float,
-            with_residual: bool = True) -> List[Row]:
+def measure(shape, memory_format: str, with_compile: bool, min_run_time: float,
+            with_residual: bool = True, log=print) -> List[Row]:
     fmt = FORMATS[memory_format]
     activation_bytes = torch.Size(shape).numel() * 4
     compiled = torch.compile(unfused, dynamic=False) if with_compile else None
     rows = []
-    for mode, make_step, passes, grad in (("eval forward", _eval_step, EVAL_PASSES, False),
-                                          ("train forward+backward", _train_step, TRAIN_PASSES, True)):
+    for mode, make_step, passes, footprint, grad in (
+            ("eval forward", _eval_step, EVAL_PASSES, EVAL_FOOTPRINT, False),
+            ("train forward+backward", _train_step, TRAIN_PASSES, TRAIN_FOOTPRINT, True)):
         if not with_residual:
             passes -= 1 if mode == "eval forward" else 2
+            footprint -= 1 if mode == "eval forward" else 2
+        bandwidth = copy_bandwidth(footprint * activation_bytes, min_run_time)
         args = _inputs(shape, fmt, grad, with_residual)
-        times: Dict[str, Optional[float]] = {}
-        for name, fn in (("fused", fused), ("eager", unfused), ("compile", compiled)):
-            times[name] = median_ms(make_step(fn, args), min_run_time) if fn is not None else None
-        rows.append(Row(list(shape), memory_format, with_residual, mode, times["fused"], times["eager"],
-                        times["compile"], passes * activation_bytes / bandwidth * 1e3))
+        steps = {"fused": make_step(fused, args), "eager": make_step(unfused, args),
+                 "compile": make_step(compiled, args) if compiled is not None else None}
+        times = {name: median_ms(step, min_run_time) if step is not None else None for name, step in steps.items()}
+        row = Row(list(shape), memory_format, with_residual, mode, times["fused"], times["eager"], times["compile"],
+                  passes * activation_bytes / bandwidth * 1e3, bandwidth / 1e9, faults_per_call(steps["fused"]),
+                  faults_per_call(steps["eager"]))
+        log(f"  {memory_format:13s} {mode:24s} fused {row.fused_ms:7.3f} ms  eager {row.eager_ms:7.3f} ms  "
+            f"compile {row.compile_ms if row.compile_ms is not None else float('nan'):7.3f} ms  "
+            f"bound {row.bound_ms:7.3f} ms ({row.bandwidth_gbs:.0f} GB/s)  "
+            f"faults/call fused {row.fused_faults:.0f} eager {row.eager_faults:.0f}")
+        rows.append(row)
     return rows
 
 
 def environment() -> dict:
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or
-            platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+            platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "malloc": allocator.status()}
 
 
 def format_table(rows: List[Row]) -> str:
     lines = ["| shape | layout | residual | mode | fused ms | eager ms | compile ms | bound ms | fused vs eager | "
-             "fused / bound |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             "fused / bound | faults/call fused, eager |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         compile_ms = f"{r.compile_ms:.3f}" if r.compile_ms is not None else "-"
         lines.append(f"| {'x'.join(map(str, r.shape))} | {r.memory_format} | {'yes' if r.residual else 'no'} | "
                      f"{r.mode} | {r.fused_ms:.3f} | "
                      f"{r.eager_ms:.3f} | {compile_ms} | {r.bound_ms:.3f} | {r.speedup_vs_eager:.2f}x | "
-                     f"{r.fused_ms / r.bound_ms:.2f}x |")
+                     f"{r.fused_ms / r.bound_ms:.2f}x | {r.fused_faults:.0f}, {r.eager_faults:.0f} |")
     return "\n".join(lines)
 
 
@@ -155,14 +190,9 @@ def run(shapes, memory_formats, with_compile=True, min_run_time=1.0, json_path=N
     results = []
     residual_flags = residual_flags or [True] * len(shapes)
     for shape, with_residual in zip(shapes, residual_flags):
-        bandwidth = copy_bandwidth(torch.Size(shape).numel(), min_run_time)
-        log(f"copy bandwidth at {'x'.join(map(str, shape))} float32: {bandwidth / 1e9:.1f} GB/s")
+        log(f"{'x'.join(map(str, shape))} float32, {'with' if with_residual else 'without'} residual:")
         for memory_format in memory_formats:
-            for row in measure(shape, memory_format, bandwidth, with_compile, min_run_time, with_residual):
-                results.append(row)
-                log(f"  {memory_format:13s} {row.mode:24s} fused {row.fused_ms:7.3f} ms  eager {row.eager_ms:7.3f} ms  "
-                    f"compile {row.compile_ms if row.compile_ms is not None else float('nan'):7.3f} ms  "
-                    f"bound {row.bound_ms:7.3f} ms")
+            results += measure(shape, memory_format, with_compile, min_run_time, with_residual, log)
     report = {"env": environment(), "results": [dict(asdict(r), speedup_vs_eager=r.speedup_vs_eager)
                                                 for r in results]}
     if json_path:

@@ -1,12 +1,15 @@
 #!/usr/bin/env python
 """Times the fused BatchNorm+add+ReLU op against the unfused expression (eager and torch.compile) and the
 memory-bandwidth bound, at a ResNet activation (or every fused site of ResNet-18), and optionally whole fused
-vs unfused ResNet-18 training steps and inference. Prints markdown tables; --json writes the figures."""
+vs unfused ResNet-18 training steps and inference. Prints markdown tables; --json writes the figures.
+
+Freed memory is kept in the process for reuse (resnet_deploy.allocator) for every implementation alike, as
+`resnet-deploy train` does; --system-malloc measures with glibc's defaults instead."""
 import argparse
 import json
 
 import resnet_deploy  # noqa: F401  (registers the operators)
-from resnet_deploy import op_benchmark
+from resnet_deploy import allocator, op_benchmark
 
 
 def parse_shape(text):
@@ -32,8 +35,13 @@ def main():
     parser.add_argument("--end-to-end", action="store_true",
                         help="also time fused vs unfused ResNet-18 (96x96): a training step at batch 64 and "
                              "eval at batch 1, 8, 64")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="keep glibc's malloc defaults (freed blocks go back to the OS, new ones page-fault)")
     parser.add_argument("--json", help="write the figures to this JSON file")
     args = parser.parse_args()
+    if not args.system_malloc:
+        allocator.retain_freed_memory()
+    print(f"malloc: {allocator.status()}")
     shapes, residual_flags = args.shape or [(64, 64, 24, 24)], None
     if args.resnet18_sites:
         sites = op_benchmark.resnet18_fused_sites()

@@ -21,7 +21,8 @@ def artifacts(tmp_path_factory):
 def fast_op_benchmark(monkeypatch):
     """The real op_benchmark.run with every timing replaced by a constant (nothing is run or compiled)."""
     monkeypatch.setattr(op_benchmark, "median_ms", lambda fn, min_run_time: 1.0)
-    monkeypatch.setattr(op_benchmark, "copy_bandwidth", lambda numel, min_run_time: 1e10)
+    monkeypatch.setattr(op_benchmark, "copy_bandwidth", lambda footprint_bytes, min_run_time: 1e10)
+    monkeypatch.setattr(op_benchmark, "faults_per_call", lambda fn: 0.0)
 
 
 def test_bench_writes_json_markdown_and_plot(artifacts, tmp_path, fast_op_benchmark):

@@ -13,7 +13,9 @@ backs with new pages can cost more than the arithmetic (see resnet_deploy.alloca
 import json
 import platform
 import resource
+import statistics
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -33,6 +35,7 @@ TRAIN_PASSES = 10
 EVAL_FOOTPRINT = 3
 TRAIN_FOOTPRINT = 6
 FAULT_COUNT_CALLS = 20
+ROUNDS = 5
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
@@ -55,19 +58,26 @@ class Row:
         return self.eager_ms / self.fused_ms
 
 
-def median_ms(fn: Callable[[], object], min_run_time: float) -> float:
-    fn()  # warm-up (and, for torch.compile, compilation)
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+def interleaved_medians_ms(steps: Dict[str, Callable[[], object]], min_run_time: float,
+                           rounds: int = ROUNDS) -> Dict[str, float]:
+    """Median milliseconds per call of each step, timed in `rounds` alternating rounds of min_run_time / rounds
+    each, so that a slow spell of a shared machine weighs on every step alike, not on whichever ran then."""
+    timers = {}
+    for name, fn in steps.items():
+        fn()  # warm-up (and, for torch.compile, compilation)
+        timers[name] = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    per_call: Dict[str, List[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            per_call[name] += timer.blocked_autorange(min_run_time=min_run_time / rounds).times
+    return {name: statistics.median(times) * 1e3 for name, times in per_call.items()}
 
 
-def copy_bandwidth(footprint_bytes: int, min_run_time: float) -> float:
-    """Bytes per second (read + write counted) of a float32 copy whose source and destination together
-    take footprint_bytes."""
+def footprint_copy(footprint_bytes: int) -> Tuple[Callable[[], object], int]:
+    """A float32 copy whose source and destination together take footprint_bytes, and the bytes it moves."""
     src = torch.randn(max(1, footprint_bytes // 8))
     dst = torch.empty_like(src)
-    seconds = median_ms(lambda: dst.copy_(src), min_run_time) / 1e3
-    return 2 * src.numel() * src.element_size() / seconds
+    return (lambda: dst.copy_(src)), 2 * src.numel() * src.element_size()
 
 
 def faults_per_call(fn: Callable[[], object], calls: int = FAULT_COUNT_CALLS) -> float:
@@ -130,11 +140,13 @@ def measure(shape, memory_format: str, with_compile: bool, min_run_time: float,
         if not with_residual:
             passes -= 1 if mode == "eval forward" else 2
             footprint -= 1 if mode == "eval forward" else 2
-        bandwidth = copy_bandwidth(footprint * activation_bytes, min_run_time)
+        copy, copied_bytes = footprint_copy(footprint * activation_bytes)
         args = _inputs(shape, fmt, grad, with_residual)
-        steps = {"fused": make_step(fused, args), "eager": make_step(unfused, args),
-                 "compile": make_step(compiled, args) if compiled is not None else None}
-        times = {name: median_ms(step, min_run_time) if step is not None else None for name, step in steps.items()}
+        steps = {"copy": copy, "fused": make_step(fused, args), "eager": make_step(unfused, args)}
+        if compiled is not None:
+            steps["compile"] = make_step(compiled, args)
+        times: Dict[str, Optional[float]] = {"compile": None, **interleaved_medians_ms(steps, min_run_time)}
+        bandwidth = copied_bytes / (times["copy"] / 1e3)
         row = Row(list(shape), memory_format, with_residual, mode, times["fused"], times["eager"], times["compile"],
                   passes * activation_bytes / bandwidth * 1e3, bandwidth / 1e9, faults_per_call(steps["fused"]),
                   faults_per_call(steps["eager"]))
@@ -222,7 +234,7 @@ def end_to_end(image_size: int = 96, train_batch: int = 64, eval_batches=(1, 8, 
 
     images = torch.randn(train_batch, 1, image_size, image_size).contiguous(memory_format=fmt)
     labels = torch.randint(0, 10, (train_batch,))
-    times = {}
+    train_steps = {}
     for name, model in models.items():
         model.train()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -231,18 +243,17 @@ def end_to_end(image_size: int = 96, train_batch: int = 64, eval_batches=(1, 8, 
             optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(model(images), labels).backward()
             optimizer.step()
-        times[name] = median_ms(train_step, min_run_time)
-    add("train step", train_batch, times)
+        train_steps[name] = train_step
+    add("train step", train_batch, interleaved_medians_ms(train_steps, min_run_time))
 
+    for model in models.values():
+        model.eval()
     for batch in eval_batches:
         batch_images = images[:batch].contiguous(memory_format=fmt)
-        times = {}
-        for name, model in models.items():
-            model.eval()
 
-            def infer(model=model):
-                with torch.inference_mode():
-                    return model(batch_images)
-            times[name] = median_ms(infer, min_run_time / 2)
-        add("eval", batch, times)
+        def infer(model):
+            with torch.inference_mode():
+                return model(batch_images)
+        add("eval", batch, interleaved_medians_ms({name: partial(infer, model) for name, model in models.items()},
+                                                  min_run_time / 2))
     return {"image_size": image_size, "memory_format": memory_format, "results": rows}

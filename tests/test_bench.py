@@ -20,8 +20,8 @@ def artifacts(tmp_path_factory):
 @pytest.fixture
 def fast_op_benchmark(monkeypatch):
     """The real op_benchmark.run with every timing replaced by a constant (nothing is run or compiled)."""
-    monkeypatch.setattr(op_benchmark, "median_ms", lambda fn, min_run_time: 1.0)
-    monkeypatch.setattr(op_benchmark, "copy_bandwidth", lambda footprint_bytes, min_run_time: 1e10)
+    monkeypatch.setattr(op_benchmark, "interleaved_medians_ms",
+                        lambda steps, min_run_time: {name: 1.0 for name in steps})
     monkeypatch.setattr(op_benchmark, "faults_per_call", lambda fn: 0.0)
 
 

@@ -1,0 +1,47 @@
+"""The op benchmark's pieces that decide what is measured: the ResNet-18 sites, the bound, a real tiny run."""
+import pytest
+import torch
+
+from resnet_deploy import op_benchmark
+
+
+def test_resnet18_sites_follow_the_d2l_layout_at_96x96():
+    sites = {(shape, residual): count for shape, residual, count in op_benchmark.resnet18_fused_sites(96, 64)}
+    # Stem: 7x7/2 conv then BN+ReLU at 48x48 (max-pooled to 24x24 after it). Each stage has two residual
+    # blocks, each with a BN+ReLU after its first conv and a BN+add+ReLU after its second.
+    expected = {((64, 64, 48, 48), False): 1}
+    for channels, size in ((64, 24), (128, 12), (256, 6), (512, 3)):
+        expected[((64, channels, size, size), False)] = 2
+        expected[((64, channels, size, size), True)] = 2
+    assert sites == expected
+
+
+def test_a_tiny_run_times_every_implementation_against_a_footprint_bound():
+    report = op_benchmark.run([(2, 3, 5, 5)], ["nchw", "channels_last"], with_compile=False, min_run_time=0.01,
+                              log=lambda line: None)
+    rows = report["results"]
+    assert [(r["memory_format"], r["mode"]) for r in rows] == [
+        ("nchw", "eval forward"), ("nchw", "train forward+backward"),
+        ("channels_last", "eval forward"), ("channels_last", "train forward+backward")]
+    activation_bytes = 2 * 3 * 5 * 5 * 4
+    for row in rows:
+        assert row["fused_ms"] > 0 and row["eager_ms"] > 0 and row["compile_ms"] is None
+        passes = op_benchmark.EVAL_PASSES if row["mode"] == "eval forward" else op_benchmark.TRAIN_PASSES
+        assert row["bound_ms"] == pytest.approx(passes * activation_bytes / (row["bandwidth_gbs"] * 1e9) * 1e3)
+        assert row["fused_faults"] >= 0 and row["eager_faults"] >= 0
+    assert report["env"]["malloc"] in ("retain", "system") or report["env"]["malloc"].startswith("user")
+
+
+def test_interleaved_medians_time_each_step_separately():
+    calls = {"slow": 0, "fast": 0}
+
+    def slow():
+        calls["slow"] += 1
+        torch.ones(200_000).sum()
+
+    def fast():
+        calls["fast"] += 1
+
+    times = op_benchmark.interleaved_medians_ms({"slow": slow, "fast": fast}, min_run_time=0.05, rounds=2)
+    assert times["slow"] > times["fast"] > 0
+    assert calls["slow"] > 2 and calls["fast"] > 2

@@ -105,6 +105,36 @@ def test_matches_unfused_expression(device, dtype, shape, memory_format, with_re
     torch.testing.assert_close(s_fused["running_var"], s_ref["running_var"], rtol=rtol, atol=atol)
 
 
+@pytest.fixture
+def streaming_stores():
+    """Every float32 CPU output written with streaming stores, as large activations are."""
+    previous = _library.load().set_streaming_min_bytes(0)
+    yield
+    _library.load().set_streaming_min_bytes(previous)
+
+
+# Streamed outputs: NCHW planes with unaligned heads and tails (odd sizes) and planes over one 2048-value tile;
+# channels_last rows of whole cache lines (C a multiple of 16) and of partial ones (stored normally).
+STREAMING_SHAPES = [(2, 3, 5, 7), (3, 17, 9, 11), (2, 16, 50, 50), (3, 32, 7, 5), (2, 48, 9, 9), (1, 4096, 1, 2)]
+
+
+@pytest.mark.parametrize("shape,memory_format,with_residual,training", [
+    (shape, fmt, res, training) for shape in STREAMING_SHAPES for fmt in FORMATS for res in (True, False)
+    for training in (True, False)])
+def test_streamed_outputs_match_unfused_expression(streaming_stores, shape, memory_format, with_residual, training):
+    test_matches_unfused_expression("cpu", torch.float32, shape, memory_format, with_residual, training)
+
+
+def test_streaming_threshold_is_settable():
+    library = _library.load()
+    previous = library.set_streaming_min_bytes(123)
+    try:
+        assert library.streaming_min_bytes() == 123
+    finally:
+        library.set_streaming_min_bytes(previous)
+    assert library.streaming_min_bytes() == previous
+
+
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("with_residual", [True, False])
 @pytest.mark.parametrize("memory_format", FORMATS)

@@ -8,10 +8,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "bn_add_relu.h"
 #include "bn_add_relu_args.h"
+#include "cpu/streaming_stores.h"
 
 namespace resnet_deploy {
 namespace {
@@ -69,9 +72,9 @@ RD_ALWAYS_INLINE void span_forward(const scalar_t* __restrict__ x, const scalar_
 }
 
 template <typename scalar_t, typename acc_t, bool kResidual>
-RD_CPU_CLONES void rows_forward(const scalar_t* __restrict__ x, const scalar_t* __restrict__ residual,
-                                scalar_t* __restrict__ y, int64_t rows, int64_t channels,
-                                const acc_t* __restrict__ scale, const acc_t* __restrict__ shift) {
+RD_ALWAYS_INLINE void block_rows_forward(const scalar_t* __restrict__ x, const scalar_t* __restrict__ residual,
+                                         scalar_t* __restrict__ y, int64_t rows, int64_t channels,
+                                         const acc_t* __restrict__ scale, const acc_t* __restrict__ shift) {
   for (int64_t row = 0; row < rows; ++row) {
     const int64_t base = row * channels;
 #pragma omp simd
@@ -80,6 +83,12 @@ RD_CPU_CLONES void rows_forward(const scalar_t* __restrict__ x, const scalar_t* 
       y[base + c] = static_cast<scalar_t>(bn_add_relu_forward(static_cast<acc_t>(x[base + c]), r, scale[c], shift[c]));
     }
   }
+}
+
+template <typename scalar_t, typename acc_t, bool kResidual>
+RD_CPU_CLONES void rows_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, int64_t rows,
+                                int64_t channels, const acc_t* scale, const acc_t* shift) {
+  block_rows_forward<scalar_t, acc_t, kResidual>(x, residual, y, rows, channels, scale, shift);
 }
 
 // *sum_dz += sum(dz), *sum_dz_xmu += sum(dz * (x - mean)), with dz the gradient behind the ReLU; with
@@ -133,10 +142,11 @@ RD_ALWAYS_INLINE void span_backward_apply(const scalar_t* __restrict__ grad_out_
 }
 
 template <typename scalar_t, typename acc_t, bool kStoredDz>
-RD_CPU_CLONES void rows_backward_apply(const scalar_t* __restrict__ grad_out_or_dz, const scalar_t* __restrict__ out,
-                                       const scalar_t* __restrict__ x, scalar_t* __restrict__ grad_input,
-                                       int64_t rows, int64_t channels, const acc_t* __restrict__ ka,
-                                       const acc_t* __restrict__ kb, const acc_t* __restrict__ kc) {
+RD_ALWAYS_INLINE void block_rows_backward_apply(const scalar_t* __restrict__ grad_out_or_dz,
+                                                const scalar_t* __restrict__ out, const scalar_t* __restrict__ x,
+                                                scalar_t* __restrict__ grad_input, int64_t rows, int64_t channels,
+                                                const acc_t* __restrict__ ka, const acc_t* __restrict__ kb,
+                                                const acc_t* __restrict__ kc) {
   for (int64_t row = 0; row < rows; ++row) {
     const int64_t base = row * channels;
 #pragma omp simd
@@ -148,6 +158,14 @@ RD_CPU_CLONES void rows_backward_apply(const scalar_t* __restrict__ grad_out_or_
           static_cast<scalar_t>(bn_input_grad(dz, static_cast<acc_t>(x[base + c]), {ka[c], kb[c], kc[c]}));
     }
   }
+}
+
+template <typename scalar_t, typename acc_t, bool kStoredDz>
+RD_CPU_CLONES void rows_backward_apply(const scalar_t* grad_out_or_dz, const scalar_t* out, const scalar_t* x,
+                                       scalar_t* grad_input, int64_t rows, int64_t channels, const acc_t* ka,
+                                       const acc_t* kb, const acc_t* kc) {
+  block_rows_backward_apply<scalar_t, acc_t, kStoredDz>(grad_out_or_dz, out, x, grad_input, rows, channels, ka, kb,
+                                                        kc);
 }
 
 // ---- NCHW: planes [begin, end) of N*C, plane p holding channel p % C ----
@@ -199,6 +217,104 @@ RD_CPU_CLONES void planes_backward_apply(const scalar_t* grad_out_or_dz, const s
     span_backward_apply<scalar_t, acc_t, kStoredDz>(grad_out_or_dz + o, out + o, x + o, grad_input + o, plane,
                                                     ka[c], kb[c], kc[c]);
   }
+}
+
+// ---- Streamed float32 variants: each tile is computed into an L1-resident buffer by the same inner loops,
+// then streamed out (cpu/streaming_stores.h). NCHW planes stream from their first 64-byte boundary, with the
+// unaligned head and the tail (under 16 values) stored normally. channels_last streams whole rows, so it
+// needs rows of whole 64-byte lines (channels a multiple of 16, see rows_stream).
+
+constexpr int64_t kStreamTile = 2048;  // floats: 8 KB
+
+// Values before p's next 64-byte boundary, at most n.
+inline int64_t until_aligned(const float* p, int64_t n) {
+  const int64_t into_line = static_cast<int64_t>(reinterpret_cast<uintptr_t>(p) % 64) / int64_t(sizeof(float));
+  return std::min<int64_t>(n, into_line == 0 ? 0 : 16 - into_line);
+}
+
+// Whether channels_last rows of `channels` floats starting at y can be streamed whole.
+inline bool rows_stream(const float* y, int64_t channels) {
+  return channels % 16 == 0 && channels <= kStreamTile && reinterpret_cast<uintptr_t>(y) % 64 == 0;
+}
+
+template <typename acc_t, bool kResidual>
+RD_CPU_CLONES void planes_forward_streamed(const float* x, const float* residual, float* y, int64_t begin,
+                                           int64_t end, int64_t plane, int64_t channels, const acc_t* scale,
+                                           const acc_t* shift, StreamFloats stream) {
+  alignas(64) float tile[kStreamTile];
+  for (int64_t p = begin; p < end; ++p) {
+    const int64_t c = p % channels;
+    const float* xp = x + p * plane;
+    const float* rp = kResidual ? residual + p * plane : nullptr;
+    float* yp = y + p * plane;
+    int64_t i = until_aligned(yp, plane);
+    span_forward<float, acc_t, kResidual>(xp, rp, yp, i, scale[c], shift[c]);
+    for (int64_t count; (count = std::min(kStreamTile, (plane - i) / 16 * 16)) > 0; i += count) {
+      span_forward<float, acc_t, kResidual>(xp + i, kResidual ? rp + i : nullptr, tile, count, scale[c], shift[c]);
+      stream(yp + i, tile, count);
+    }
+    span_forward<float, acc_t, kResidual>(xp + i, kResidual ? rp + i : nullptr, yp + i, plane - i, scale[c],
+                                          shift[c]);
+  }
+  streaming_fence();
+}
+
+template <typename acc_t, bool kResidual>
+RD_CPU_CLONES void rows_forward_streamed(const float* x, const float* residual, float* y, int64_t rows,
+                                         int64_t channels, const acc_t* scale, const acc_t* shift,
+                                         StreamFloats stream) {
+  alignas(64) float tile[kStreamTile];
+  const int64_t tile_rows = kStreamTile / channels;
+  for (int64_t row = 0; row < rows; row += tile_rows) {
+    const int64_t count = std::min(tile_rows, rows - row);
+    const int64_t o = row * channels;
+    block_rows_forward<float, acc_t, kResidual>(x + o, kResidual ? residual + o : nullptr, tile, count, channels,
+                                                scale, shift);
+    stream(y + o, tile, count * channels);
+  }
+  streaming_fence();
+}
+
+template <typename acc_t, bool kStoredDz>
+RD_CPU_CLONES void planes_backward_apply_streamed(const float* grad_out_or_dz, const float* out, const float* x,
+                                                  float* grad_input, int64_t begin, int64_t end, int64_t plane,
+                                                  int64_t channels, const acc_t* ka, const acc_t* kb,
+                                                  const acc_t* kc, StreamFloats stream) {
+  alignas(64) float tile[kStreamTile];
+  for (int64_t p = begin; p < end; ++p) {
+    const int64_t c = p % channels;
+    const int64_t o = p * plane;
+    const float* g = grad_out_or_dz + o;
+    const float* yp = kStoredDz ? nullptr : out + o;
+    const float* xp = x + o;
+    float* gx = grad_input + o;
+    int64_t i = until_aligned(gx, plane);
+    span_backward_apply<float, acc_t, kStoredDz>(g, yp, xp, gx, i, ka[c], kb[c], kc[c]);
+    for (int64_t count; (count = std::min(kStreamTile, (plane - i) / 16 * 16)) > 0; i += count) {
+      span_backward_apply<float, acc_t, kStoredDz>(g + i, kStoredDz ? nullptr : yp + i, xp + i, tile, count, ka[c],
+                                                   kb[c], kc[c]);
+      stream(gx + i, tile, count);
+    }
+    span_backward_apply<float, acc_t, kStoredDz>(g + i, kStoredDz ? nullptr : yp + i, xp + i, gx + i, plane - i,
+                                                 ka[c], kb[c], kc[c]);
+  }
+  streaming_fence();
+}
+
+template <typename acc_t, bool kStoredDz>
+RD_CPU_CLONES void rows_backward_apply_streamed(const float* grad_out_or_dz, const float* out, const float* x,
+                                                float* grad_input, int64_t rows, int64_t channels, const acc_t* ka,
+                                                const acc_t* kb, const acc_t* kc, StreamFloats stream) {
+  alignas(64) float tile[kStreamTile];
+  const int64_t tile_rows = kStreamTile / channels;
+  for (int64_t row = 0; row < rows; row += tile_rows) {
+    const int64_t count = std::min(tile_rows, rows - row);
+    const int64_t o = row * channels;
+    block_rows_backward_apply<float, acc_t, kStoredDz>(grad_out_or_dz + o, kStoredDz ? nullptr : out + o, x + o,
+                                                       tile, count, channels, ka, kb, kc);
+    stream(grad_input + o, tile, count * channels);
+  }
+  streaming_fence();
 }
 
 // ---- Parallel drivers ----
@@ -341,6 +457,22 @@ void normalize_add_relu_pass(const Geometry& g, const scalar_t* x, const scalar_
                                                                 per_walked_channel(scale.data(), g),
                                                                 per_walked_channel(shift.data(), g));
   }
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    const int64_t bytes = g.batch * g.channels * g.plane * int64_t(sizeof(float));
+    if (stream_float_output(bytes) && (!g.channels_last || rows_stream(y, g.channels))) {
+      const StreamFloats stream = stream_floats_function();
+      return elementwise(
+          g,
+          [&](int64_t begin, int64_t end) {
+            planes_forward_streamed<acc_t, kResidual>(x, r, y, begin, end, g.plane, g.channels, scale.data(),
+                                                      shift.data(), stream);
+          },
+          [&](int64_t offset, int64_t rows) {
+            rows_forward_streamed<acc_t, kResidual>(x + offset, kResidual ? r + offset : nullptr, y + offset, rows,
+                                                    g.channels, scale.data(), shift.data(), stream);
+          });
+    }
+  }
   elementwise(
       g,
       [&](int64_t begin, int64_t end) {
@@ -416,6 +548,24 @@ void backward_passes(const Geometry& g, const scalar_t* gy, const scalar_t* y, c
   const std::vector<acc_t> walked_b = per_walked_channel(kb.data(), g);
   const std::vector<acc_t> walked_c = per_walked_channel(kc.data(), g);
   const scalar_t* source = kStoreDz ? dz : gy;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    const int64_t bytes = g.batch * g.channels * g.plane * int64_t(sizeof(float));
+    if (stream_float_output(bytes) && (!w.channels_last || rows_stream(gx, w.channels))) {
+      const StreamFloats stream = stream_floats_function();
+      return elementwise(
+          w,
+          [&](int64_t begin, int64_t end) {
+            planes_backward_apply_streamed<acc_t, kStoreDz>(source, y, x, gx, begin, end, w.plane, w.channels,
+                                                            walked_a.data(), walked_b.data(), walked_c.data(),
+                                                            stream);
+          },
+          [&](int64_t offset, int64_t rows) {
+            rows_backward_apply_streamed<acc_t, kStoreDz>(source + offset, y + offset, x + offset, gx + offset,
+                                                          rows, w.channels, walked_a.data(), walked_b.data(),
+                                                          walked_c.data(), stream);
+          });
+    }
+  }
   elementwise(
       w,
       [&](int64_t begin, int64_t end) {

@@ -2,6 +2,8 @@
 // the operators; it also tells how the library was built.
 #include <torch/extension.h>
 
+#include "cpu/streaming_stores.h"
+
 #ifndef RESNET_DEPLOY_CUDA_ARCHS
 #define RESNET_DEPLOY_CUDA_ARCHS ""
 #endif
@@ -20,4 +22,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
     return info;
   });
+  m.def("streaming_min_bytes", &resnet_deploy::streaming_min_bytes,
+        "float32 CPU outputs of at least this many bytes are written with streaming stores (negative: none)");
+  m.def("set_streaming_min_bytes", &resnet_deploy::set_streaming_min_bytes, pybind11::arg("bytes"),
+        "sets the streaming-store threshold for this process; returns the previous one");
 }

@@ -1,0 +1,71 @@
+// Streaming-store copies for x86-64 (AVX when the CPU has it, else SSE, which every x86-64 CPU has), chosen
+// once at run time, and the size threshold above which the kernels use them.
+#include "cpu/streaming_stores.h"
+
+#include <atomic>
+#include <cstdlib>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define RD_HAVE_STREAMING_STORES 1
+#else
+#define RD_HAVE_STREAMING_STORES 0
+#endif
+
+namespace resnet_deploy {
+namespace {
+
+// Measured on the ResNet-18 sites (scripts/bench_op.py --resnet18-sites): larger outputs leave the cache
+// before the next layer reads them anyway.
+constexpr int64_t kDefaultStreamingMinBytes = 4 * 1024 * 1024;
+
+#if RD_HAVE_STREAMING_STORES
+__attribute__((target("avx"))) void stream_floats_avx(float* dst, const float* src, int64_t n) {
+  for (int64_t i = 0; i < n; i += 8) _mm256_stream_ps(dst + i, _mm256_load_ps(src + i));
+}
+
+void stream_floats_sse(float* dst, const float* src, int64_t n) {
+  for (int64_t i = 0; i < n; i += 4) _mm_stream_ps(dst + i, _mm_load_ps(src + i));
+}
+#endif
+
+int64_t threshold_from_environment() {
+  const char* text = std::getenv("RESNET_DEPLOY_STREAMING_MIN_BYTES");
+  if (text == nullptr || *text == '\0') return kDefaultStreamingMinBytes;
+  char* end = nullptr;
+  const long long value = std::strtoll(text, &end, 10);
+  return *end == '\0' ? static_cast<int64_t>(value) : kDefaultStreamingMinBytes;
+}
+
+std::atomic<int64_t>& threshold() {
+  static std::atomic<int64_t> bytes{threshold_from_environment()};
+  return bytes;
+}
+
+}  // namespace
+
+StreamFloats stream_floats_function() {
+#if RD_HAVE_STREAMING_STORES
+  static const StreamFloats chosen = __builtin_cpu_supports("avx") ? stream_floats_avx : stream_floats_sse;
+  return chosen;
+#else
+  return nullptr;
+#endif
+}
+
+void streaming_fence() {
+#if RD_HAVE_STREAMING_STORES
+  _mm_sfence();
+#endif
+}
+
+int64_t streaming_min_bytes() { return threshold().load(); }
+
+int64_t set_streaming_min_bytes(int64_t bytes) { return threshold().exchange(bytes); }
+
+bool stream_float_output(int64_t bytes) {
+  const int64_t min_bytes = streaming_min_bytes();
+  return stream_floats_function() != nullptr && min_bytes >= 0 && bytes >= min_bytes;
+}
+
+}  // namespace resnet_deploy

@@ -107,4 +107,15 @@ RD_HOST_DEVICE acc_t weight_grad(acc_t sum_dz_xmu, acc_t invstd) {
   return sum_dz_xmu * invstd;
 }
 
+// Running statistics: the unbiased batch variance from the inverse std of `count` values, and the
+// exponential moving average that nn.BatchNorm2d keeps.
+RD_HOST_DEVICE double unbiased_var_from_invstd(double invstd, double eps, int64_t count) {
+  const double biased = 1.0 / (invstd * invstd) - eps;
+  return biased * static_cast<double>(count) / static_cast<double>(count - 1);
+}
+
+RD_HOST_DEVICE double moving_average(double running, double batch, double momentum) {
+  return (1.0 - momentum) * running + momentum * batch;
+}
+
 }  // namespace resnet_deploy

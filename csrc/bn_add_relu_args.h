@@ -126,6 +126,30 @@ inline BackwardArgs prepare_backward(const char* op, const at::Tensor& grad_out,
           format, geometry(input, format)};
 }
 
+// Arguments of bn_update_running_stats: four per-channel vectors on one device, enough values per channel.
+inline void check_running_stats_update(const at::Tensor& running_mean, const at::Tensor& running_var,
+                                       const at::Tensor& mean, const at::Tensor& invstd, int64_t count) {
+  const char* op = "bn_update_running_stats";
+  const at::Tensor* tensors[] = {&running_var, &mean, &invstd};
+  const char* names[] = {"running_var", "mean", "invstd"};
+  TORCH_CHECK_VALUE(running_mean.dim() == 1, op, ": running_mean must be 1-D, got shape ", running_mean.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(running_mean.scalar_type()), op, ": running_mean must be floating-point, got ",
+                   running_mean.scalar_type());
+  for (int i = 0; i < 3; ++i) {
+    const at::Tensor& t = *tensors[i];
+    TORCH_CHECK_VALUE(t.device() == running_mean.device(), op, ": ", names[i], " is on ", t.device(),
+                      " but running_mean is on ", running_mean.device());
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == running_mean.size(0), op, ": ", names[i], " must have shape [",
+                      running_mean.size(0), "], got ", t.sizes());
+    TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", names[i], " must be floating-point, got ",
+                     t.scalar_type());
+  }
+  TORCH_CHECK_TYPE(running_var.scalar_type() == running_mean.scalar_type(), op,
+                   ": running_var must have running_mean's dtype ", running_mean.scalar_type(), ", got ",
+                   running_var.scalar_type());
+  TORCH_CHECK_VALUE(count > 1, op, ": expected more than 1 value per channel, got ", count);
+}
+
 // Parameter gradients have the weight's dtype (the stats dtype when there is no weight).
 inline at::ScalarType param_grad_dtype(const at::Tensor& input, const std::optional<at::Tensor>& weight) {
   return weight.has_value() && weight->defined() ? weight->scalar_type() : stats_dtype(input);

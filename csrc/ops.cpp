@@ -1,5 +1,4 @@
-// Operator schemas only. Kernels: cpu/bn_add_relu.cpp and cuda/bn_add_relu.cu; autograd and fake kernels:
-// resnet_deploy/ops.py.
+// Operator schemas only. Kernels: cpu/*.cpp and cuda/*.cu; autograd and fake kernels: resnet_deploy/ops.py.
 #include <torch/library.h>
 
 TORCH_LIBRARY(resnet_deploy, m) {
@@ -14,4 +13,9 @@ TORCH_LIBRARY(resnet_deploy, m) {
   m.def("bn_add_relu_backward(Tensor grad_out, Tensor out, Tensor input, Tensor mean, Tensor invstd,"
         " Tensor? weight, bool training, bool residual_grad)"
         " -> (Tensor grad_input, Tensor grad_residual, Tensor grad_weight, Tensor grad_bias)");
+  // The running statistics' update after a training forward, in place, from its batch mean and inverse std
+  // over `count` values per channel: running = (1 - momentum) * running + momentum * batch, with the
+  // unbiased batch variance, as nn.BatchNorm2d does. One call instead of a handful of small tensor ops.
+  m.def("bn_update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor invstd,"
+        " float momentum, float eps, int count) -> ()");
 }

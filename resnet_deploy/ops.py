@@ -5,7 +5,8 @@ The C++ library (csrc/ops.cpp) defines three operators:
   bn_add_relu_eval(input, residual?, running_mean, running_var, weight?, bias?, eps) -> out
   bn_add_relu_backward(grad_out, out, input, mean, invstd, weight?, training, residual_grad)
       -> (grad_input, grad_residual, grad_weight, grad_bias)
-The forward operators are functional: running statistics are updated here, outside autograd.
+  bn_update_running_stats(running_mean!, running_var!, mean, invstd, momentum, eps, count) -> ()
+The forward operators are functional: running statistics are updated here, outside autograd, by the last one.
 """
 from typing import List, Optional, Tuple
 
@@ -50,12 +51,9 @@ def batch_norm_add_relu(input: Tensor, residual: Optional[Tensor], running_mean:
 
 def _update_running_stats(input: Tensor, mean: Tensor, invstd: Tensor, running_mean: Tensor,
                           running_var: Tensor, momentum: float, eps: float):
-    count = input.numel() // input.size(1)
     with torch.no_grad():
-        biased_var = invstd.pow(-2) - eps
-        unbiased_var = biased_var * (count / (count - 1))
-        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-        running_var.mul_(1 - momentum).add_(unbiased_var.to(running_var.dtype), alpha=momentum)
+        _ops.bn_update_running_stats(running_mean, running_var, mean, invstd, momentum, eps,
+                                     input.numel() // input.size(1))
 
 
 # Fake kernels: shapes and dtypes only, so torch.compile / torch.export / ONNX export can trace the ops.
@@ -73,6 +71,11 @@ def _train_fake(input, residual, weight, bias, eps):
 @torch.library.register_fake("resnet_deploy::bn_add_relu_eval")
 def _eval_fake(input, residual, running_mean, running_var, weight, bias, eps):
     return torch.empty_like(input)
+
+
+@torch.library.register_fake("resnet_deploy::bn_update_running_stats")
+def _update_running_stats_fake(running_mean, running_var, mean, invstd, momentum, eps, count):
+    return None
 
 
 @torch.library.register_fake("resnet_deploy::bn_add_relu_backward")

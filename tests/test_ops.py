@@ -1,5 +1,6 @@
 """The fused operator against the unfused PyTorch expression relu(batch_norm(x) + residual)."""
 import random
+import re
 
 import pytest
 import torch
@@ -208,6 +209,51 @@ def test_torch_compile_fullgraph():
     expected.sum().backward()
     torch.testing.assert_close(s["weight"].grad, ref["weight"].grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(s["running_var"], ref["running_var"])
+
+
+@pytest.mark.parametrize("stats_dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_running_stats_update_matches_batchnorm(stats_dtype):
+    x = torch.randn(6, 5, 3, 4, dtype=torch.float64) * 3 + 1
+    reference = torch.nn.BatchNorm2d(5, momentum=0.3).to(torch.float64)
+    reference.running_mean.normal_()
+    reference.running_var.uniform_(0.5, 2.0)
+    running_mean = reference.running_mean.clone().to(stats_dtype)
+    running_var = reference.running_var.clone().to(stats_dtype)
+    reference.train()(x)
+    _, mean, invstd = OPS.bn_add_relu_train(x, None, None, None, 1e-5)
+    OPS.bn_update_running_stats(running_mean, running_var, mean, invstd, 0.3, 1e-5, 6 * 3 * 4)
+    rtol, atol = _tolerances(stats_dtype)
+    torch.testing.assert_close(running_mean, reference.running_mean.to(stats_dtype), rtol=rtol, atol=atol)
+    torch.testing.assert_close(running_var, reference.running_var.to(stats_dtype), rtol=rtol, atol=atol)
+
+
+def test_running_stats_update_writes_through_strided_buffers():
+    stats = torch.zeros(2, 4)  # running mean in column 0, running var in column 1
+    stats[:, 1] = 1.0
+    mean, invstd = torch.tensor([1.0, 2.0]), torch.tensor([0.5, 0.25])
+    OPS.bn_update_running_stats(stats[:, 0], stats[:, 1], mean, invstd, 0.5, 0.0, 5)
+    expected_var = 0.5 * 1.0 + 0.5 * (1 / invstd**2) * 5 / 4
+    torch.testing.assert_close(stats[:, 0], 0.5 * mean)
+    torch.testing.assert_close(stats[:, 1], expected_var)
+
+
+def test_running_stats_update_opcheck():
+    args = (torch.zeros(4), torch.ones(4), torch.randn(4), torch.rand(4) + 0.5, 0.1, 1e-5, 10)
+    torch.library.opcheck(OPS.bn_update_running_stats, args)
+
+
+@pytest.mark.parametrize("change,error,message", [
+    ({"running_var": torch.ones(3)}, ValueError, "running_var must have shape [4], got [3]"),
+    ({"mean": torch.zeros(2, 2)}, ValueError, "mean must have shape [4]"),
+    ({"running_var": torch.ones(4, dtype=torch.float64)}, TypeError, "running_var must have running_mean's dtype"),
+    ({"invstd": torch.ones(4, dtype=torch.int64)}, TypeError, "invstd must be floating-point"),
+    ({"count": 1}, ValueError, "expected more than 1 value per channel, got 1"),
+])
+def test_running_stats_update_refuses_bad_input(change, error, message):
+    args = {"running_mean": torch.zeros(4), "running_var": torch.ones(4), "mean": torch.zeros(4),
+            "invstd": torch.ones(4), "momentum": 0.1, "eps": 1e-5, "count": 8, **change}
+    with pytest.raises(error, match=re.escape(message)):
+        OPS.bn_update_running_stats(*args.values())
 
 
 def test_large_offset_statistics_are_stable():

@@ -214,9 +214,13 @@ def run(shapes, memory_formats, with_compile=True, min_run_time=1.0, json_path=N
     return report
 
 
-def end_to_end(image_size: int = 96, train_batch: int = 64, eval_batches=(1, 8, 64), min_run_time: float = 5.0,
+def end_to_end(image_size: int = 96, train_batch: int = 64, eval_batches=(1, 8, 64), min_run_time: float = 20.0,
                memory_format: str = "nchw", log=print) -> dict:
-    """Fused vs unfused ResNet-18 with the same weights: an SGD training step and eval inference, medians."""
+    """Fused vs unfused ResNet-18 with the same weights: an SGD training step and eval inference, medians.
+
+    The fused sites are a few percent of a step (convolutions dominate), so the difference is small next to a
+    shared machine's noise: min_run_time seconds per model for the training step (about 25 steps of 0.8 s in
+    ten interleaved rounds), a quarter of that per model and batch size for eval."""
     from resnet_deploy.models import resnet18
 
     fmt = FORMATS[memory_format]
@@ -244,7 +248,7 @@ def end_to_end(image_size: int = 96, train_batch: int = 64, eval_batches=(1, 8, 
             F.cross_entropy(model(images), labels).backward()
             optimizer.step()
         train_steps[name] = train_step
-    add("train step", train_batch, interleaved_medians_ms(train_steps, min_run_time))
+    add("train step", train_batch, interleaved_medians_ms(train_steps, min_run_time, rounds=2 * ROUNDS))
 
     for model in models.values():
         model.eval()
@@ -255,5 +259,5 @@ def end_to_end(image_size: int = 96, train_batch: int = 64, eval_batches=(1, 8, 
             with torch.inference_mode():
                 return model(batch_images)
         add("eval", batch, interleaved_medians_ms({name: partial(infer, model) for name, model in models.items()},
-                                                  min_run_time / 2))
+                                                  min_run_time / 4, rounds=2 * ROUNDS))
     return {"image_size": image_size, "memory_format": memory_format, "results": rows}

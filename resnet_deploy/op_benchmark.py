@@ -158,6 +158,37 @@ def measure(shape, memory_format: str, with_compile: bool, min_run_time: float,
     return rows
 
 
+def compare_stores(shape, memory_formats, min_run_time: float, rounds: int = 2 * ROUNDS, log=print) -> List[dict]:
+    """The fused op with streaming stores for its outputs against the same op with normal stores, interleaved
+    in one process (the threshold is switched before every call), for eval forward and training steps."""
+    from resnet_deploy import _library
+
+    library = _library.load()
+    previous = library.streaming_min_bytes()
+
+    def with_threshold(min_bytes, step):
+        def call():
+            library.set_streaming_min_bytes(min_bytes)
+            return step()
+        return call
+
+    rows = []
+    try:
+        for memory_format in memory_formats:
+            for mode, make_step, grad in (("eval forward", _eval_step, False),
+                                          ("train forward+backward", _train_step, True)):
+                step = make_step(fused, _inputs(shape, FORMATS[memory_format], grad))
+                times = interleaved_medians_ms({"streaming": with_threshold(0, step),
+                                                "normal": with_threshold(-1, step)}, min_run_time, rounds)
+                rows.append({"shape": list(shape), "memory_format": memory_format, "mode": mode,
+                             "streaming_ms": times["streaming"], "normal_ms": times["normal"]})
+                log(f"  {memory_format:13s} {mode:24s} streaming stores {times['streaming']:7.3f} ms  "
+                    f"normal stores {times['normal']:7.3f} ms  ({times['normal'] / times['streaming']:.2f}x)")
+    finally:
+        library.set_streaming_min_bytes(previous)
+    return rows
+
+
 def environment() -> dict:
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or
             platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),

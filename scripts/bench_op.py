@@ -35,6 +35,9 @@ def main():
     parser.add_argument("--end-to-end", action="store_true",
                         help="also time fused vs unfused ResNet-18 (96x96): a training step at batch 64 and "
                              "eval at batch 1, 8, 64")
+    parser.add_argument("--compare-stores", action="store_true",
+                        help="also time the fused op with streaming against normal stores for its outputs "
+                             "(interleaved in this process), at the first --shape")
     parser.add_argument("--system-malloc", action="store_true",
                         help="keep glibc's malloc defaults (freed blocks go back to the OS, new ones page-fault)")
     parser.add_argument("--json", help="write the figures to this JSON file")
@@ -49,6 +52,10 @@ def main():
         shapes, residual_flags = [s for s, _, _ in sites], [r for _, r, _ in sites]
     report = op_benchmark.run(shapes, args.layout or ["nchw", "channels_last"], with_compile=not args.no_compile,
                               min_run_time=args.min_run_time, residual_flags=residual_flags)
+    if args.compare_stores:
+        print("fused op, streaming vs normal stores:")
+        report["stores"] = op_benchmark.compare_stores(shapes[0], args.layout or ["nchw", "channels_last"],
+                                                       args.min_run_time)
     if args.end_to_end:
         report["end_to_end"] = op_benchmark.end_to_end()
     if args.json:

@@ -9,9 +9,9 @@ from resnet_deploy import cli
 
 # Steady-state page faults of a cycle of ResNet-18 (96x96, batch 64) allocations: three first-stage activations
 # (64x64x24x24 float32, 9.4 MB) allocated, written, then freed newest first, and one stem activation
-# (64x64x48x48, 37.7 MB). With glibc's defaults, freeing the three trims the top of the heap and the stem's
-# block is unmapped, so every cycle writes to fresh pages (about 13,800 faults of 4 KB); with the setting,
-# each cycle reuses the previous cycle's pages.
+# (64x64x48x48, 37.7 MB). With glibc's defaults the stem's block, over the largest mmap threshold (32 MB),
+# is mapped and unmapped every cycle (9,216 faults of 4 KB), and depending on the heap's history freeing the
+# three small ones trims the top of the heap too; with the setting, each cycle reuses the previous one's pages.
 FRESH_PAGES_SCRIPT = """
 import resource, sys, torch
 from resnet_deploy import allocator
@@ -56,7 +56,7 @@ def test_retained_memory_is_reused_without_page_faults():
 def test_system_defaults_page_fault_on_reuse():
     status, faults = run_script("system", clean_env())
     assert status == "system"
-    assert faults > 12000  # two of the three small tensors and the large one land on fresh pages every cycle
+    assert faults >= 9216  # at least the large tensor lands on fresh pages every cycle
 
 
 @pytest.mark.parametrize("env, reason", [

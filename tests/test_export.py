@@ -61,8 +61,10 @@ def test_export_writes_verified_artifacts(exported):
                                  "layout": "NCHW"}
     assert manifest["preprocess"]["mean"] == data.MEAN and manifest["preprocess"]["std"] == data.STD
     assert manifest["classes"] == data.CLASSES and manifest["onnx"]["opset"] == export.OPSET
+    # The scripted module keeps its training branch: the eval op, and the train op and the running-stats update.
     assert manifest["torchscript"]["custom_operators"] == ["resnet_deploy::bn_add_relu_eval",
-                                                           "resnet_deploy::bn_add_relu_train"]
+                                                           "resnet_deploy::bn_add_relu_train",
+                                                           "resnet_deploy::bn_update_running_stats"]
     assert manifest["versions"]["torch"] == torch.__version__
 
     parity = json.loads((out / export.PARITY).read_text())

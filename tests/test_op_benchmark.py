@@ -45,3 +45,14 @@ def test_interleaved_medians_time_each_step_separately():
     times = op_benchmark.interleaved_medians_ms({"slow": slow, "fast": fast}, min_run_time=0.05, rounds=2)
     assert times["slow"] > times["fast"] > 0
     assert calls["slow"] > 2 and calls["fast"] > 2
+
+
+def test_store_comparison_restores_the_threshold():
+    from resnet_deploy import _library
+
+    before = _library.load().streaming_min_bytes()
+    rows = op_benchmark.compare_stores((2, 16, 4, 4), ["channels_last"], min_run_time=0.01, rounds=1,
+                                       log=lambda line: None)
+    assert [r["mode"] for r in rows] == ["eval forward", "train forward+backward"]
+    assert all(r["streaming_ms"] > 0 and r["normal_ms"] > 0 for r in rows)
+    assert _library.load().streaming_min_bytes() == before

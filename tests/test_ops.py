@@ -48,12 +48,17 @@ def sample_inputs(shape, device, dtype, memory_format, with_residual, requires_g
 
 
 def reference(s, training, momentum=0.1, eps=1e-5, compute_dtype=None):
-    """The unfused expression, optionally computed in a wider dtype."""
+    """The unfused expression, optionally computed in a wider dtype (running statistics too, written back)."""
     def cast(t):
         return t if t is None or compute_dtype is None else t.to(compute_dtype)
 
-    y = F.batch_norm(cast(s["input"]), s["running_mean"], s["running_var"], cast(s["weight"]), cast(s["bias"]),
+    running_mean, running_var = cast(s["running_mean"]), cast(s["running_var"])
+    y = F.batch_norm(cast(s["input"]), running_mean, running_var, cast(s["weight"]), cast(s["bias"]),
                      training, momentum, eps)
+    with torch.no_grad():
+        for name, computed in (("running_mean", running_mean), ("running_var", running_var)):
+            if computed is not s[name]:
+                s[name].copy_(computed)
     if s["residual"] is not None:
         y = y + cast(s["residual"])
     return F.relu(y)
@@ -84,8 +89,10 @@ CASES = [(shape, fmt, res, training) for shape in SHAPES for fmt in FORMATS for 
 def test_matches_unfused_expression(device, dtype, shape, memory_format, with_residual, training):
     s_fused = sample_inputs(shape, device, dtype, memory_format, with_residual)
     s_ref = clone_sample(s_fused)
-    # Low-precision inputs are compared with the expression computed in float32 on the same values.
-    compute = torch.float32 if dtype in (torch.bfloat16, torch.float16) else None
+    # The expression is computed in float64 for float32 inputs (PyTorch's own float32 channels_last BatchNorm
+    # backward on one thread is off by up to 0.6 at 2x16x50x50 in torch 2.14.1) and in float32 for the
+    # low-precision dtypes, on the same values.
+    compute = {torch.float32: torch.float64, torch.bfloat16: torch.float32, torch.float16: torch.float32}.get(dtype)
 
     out = fused(s_fused, training)
     expected = reference(s_ref, training, compute_dtype=compute)
@@ -97,7 +104,7 @@ def test_matches_unfused_expression(device, dtype, shape, memory_format, with_re
     grad = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
     got = torch.autograd.grad(out, differentiable(s_fused), grad.to(out.dtype))
     want = torch.autograd.grad(expected, differentiable(s_ref), grad.to(expected.dtype))
-    grad_atol = atol * 10 if compute is not None else atol
+    grad_atol = atol * 10 if dtype in (torch.bfloat16, torch.float16) else atol
     for g, w in zip(got, want):
         torch.testing.assert_close(g.float(), w.float(), rtol=rtol, atol=grad_atol * max(1.0, w.abs().max().item()))
 

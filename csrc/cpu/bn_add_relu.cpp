@@ -237,6 +237,13 @@ inline bool rows_stream(const float* y, int64_t channels) {
   return channels % 16 == 0 && channels <= kStreamTile && reinterpret_cast<uintptr_t>(y) % 64 == 0;
 }
 
+// The streaming copy to write the float32 output y of a pass walking g with, or nullptr for normal stores.
+inline StreamFloats output_streamer(const Geometry& g, const float* y) {
+  const int64_t bytes = g.batch * g.channels * g.plane * int64_t(sizeof(float));
+  if (!stream_float_output(bytes) || (g.channels_last && !rows_stream(y, g.channels))) return nullptr;
+  return stream_floats_function();
+}
+
 template <typename acc_t, bool kResidual>
 RD_CPU_CLONES void planes_forward_streamed(const float* x, const float* residual, float* y, int64_t begin,
                                            int64_t end, int64_t plane, int64_t channels, const acc_t* scale,
@@ -458,9 +465,7 @@ void normalize_add_relu_pass(const Geometry& g, const scalar_t* x, const scalar_
                                                                 per_walked_channel(shift.data(), g));
   }
   if constexpr (std::is_same_v<scalar_t, float>) {
-    const int64_t bytes = g.batch * g.channels * g.plane * int64_t(sizeof(float));
-    if (stream_float_output(bytes) && (!g.channels_last || rows_stream(y, g.channels))) {
-      const StreamFloats stream = stream_floats_function();
+    if (const StreamFloats stream = output_streamer(g, y)) {
       return elementwise(
           g,
           [&](int64_t begin, int64_t end) {
@@ -549,9 +554,7 @@ void backward_passes(const Geometry& g, const scalar_t* gy, const scalar_t* y, c
   const std::vector<acc_t> walked_c = per_walked_channel(kc.data(), g);
   const scalar_t* source = kStoreDz ? dz : gy;
   if constexpr (std::is_same_v<scalar_t, float>) {
-    const int64_t bytes = g.batch * g.channels * g.plane * int64_t(sizeof(float));
-    if (stream_float_output(bytes) && (!w.channels_last || rows_stream(gx, w.channels))) {
-      const StreamFloats stream = stream_floats_function();
+    if (const StreamFloats stream = output_streamer(w, gx)) {
       return elementwise(
           w,
           [&](int64_t begin, int64_t end) {

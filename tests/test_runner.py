@@ -115,3 +115,19 @@ def test_runner_reports_user_errors_in_one_line(runner, tmp_path):
     assert "has no attribute 'input_shape'" in error_of(plain, "--images", images_path)
     assert "--batch-size must be an integer of at least 1" in error_of(model_path, "--images", images_path,
                                                                        "--batch-size", "0")
+
+
+def test_runner_keeps_freed_memory_unless_told_not_to(runner, tmp_path):
+    _, _, model_path = scripted_model(tmp_path, 28)
+    images_path, _, _, _ = fake_test_set(tmp_path, count=8)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    default = subprocess.run([str(runner), model_path, "--images", images_path], capture_output=True, text=True,
+                             env=clean)
+    opted_out = subprocess.run([str(runner), model_path, "--images", images_path, "--system-malloc"],
+                               capture_output=True, text=True, env=clean)
+    users_own = subprocess.run([str(runner), model_path, "--images", images_path], capture_output=True, text=True,
+                               env={**clean, "MALLOC_ARENA_MAX": "2"})
+    assert default.returncode == opted_out.returncode == users_own.returncode == 0
+    assert "malloc: retain\n" in default.stdout
+    assert "malloc: system\n" in opted_out.stdout
+    assert "malloc: user (MALLOC_ARENA_MAX is set)\n" in users_own.stdout

@@ -3,6 +3,7 @@
 //   resnet_deploy_infer MODEL.pt --images t10k-images-idx3-ubyte.gz [--labels t10k-labels-idx1-ubyte.gz]
 //   resnet_deploy_infer MODEL.pt --raw inputs.f32
 //   options: --batch-size N (64)  --warmup N (2)  --threads N  --device cpu|cuda  --predictions FILE
+//            --system-malloc (keep glibc's malloc defaults; by default freed memory is kept for reuse)
 //
 // idx images are pre-processed as resnet_deploy.data.preprocess does: pixels / 255, bilinear antialiased
 // resize when the size differs, then (x - mean) / std, with the input shape, mean and std that
@@ -30,12 +31,14 @@
 #include <vector>
 
 #include "idx.h"
+#include "malloc_settings.h"
 
 namespace {
 
 const char* const kUsage =
     "usage: resnet_deploy_infer MODEL.pt (--images IDX [--labels IDX] | --raw FILE.f32) [--batch-size N]\n"
-    "                           [--warmup N] [--threads N] [--device cpu|cuda] [--predictions FILE]\n";
+    "                           [--warmup N] [--threads N] [--device cpu|cuda] [--predictions FILE]\n"
+    "                           [--system-malloc]\n";
 
 struct Options {
   std::string model;
@@ -44,6 +47,7 @@ struct Options {
   int64_t warmup = 2;
   int threads = 0;  // 0: libtorch's default
   std::string device = "cpu";
+  bool system_malloc = false;
 };
 
 // A user error: printed as one line, exit status 1.
@@ -71,6 +75,10 @@ Options parse(int argc, char** argv) {
     if (arg == "-h" || arg == "--help") {
       std::cout << kUsage;
       std::exit(0);
+    }
+    if (arg == "--system-malloc") {
+      o.system_malloc = true;
+      continue;
     }
     if (arg.rfind("--", 0) != 0) {
       if (!o.model.empty()) throw UsageError("unexpected argument '" + arg + "'; expected one MODEL.pt");
@@ -244,7 +252,10 @@ int run(const Options& o) {
 
 int main(int argc, char** argv) {
   try {
-    return run(parse(argc, argv));
+    const Options options = parse(argc, argv);
+    const std::string malloc_setting = options.system_malloc ? "system" : resnet_deploy::retain_freed_memory();
+    std::printf("malloc: %s\n", malloc_setting.c_str());
+    return run(options);
   } catch (const UsageError& error) {
     std::cerr << "resnet_deploy_infer: error: " << error.what() << "\n" << kUsage;
   } catch (const c10::Error& error) {  // from libtorch: loading or running the model

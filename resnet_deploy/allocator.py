@@ -69,6 +69,5 @@ def retain_freed_memory() -> str:
 
 def status() -> str:
     """'retain' after retain_freed_memory() applied the setting, else 'system' or 'user (<reason>)'."""
-    if _status == "system" and _user_choice():
-        return f"user ({_user_choice()})"
-    return _status
+    reason = _user_choice() if _status == "system" else ""
+    return f"user ({reason})" if reason else _status

@@ -89,8 +89,8 @@ PARSERS = [add_info_parser, add_train_parser, export.add_parser, infer.add_parse
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="resnet-deploy", description=resnet_deploy.__doc__)
     parser.add_argument("--system-malloc", action="store_true",
-                        help="keep glibc's malloc defaults; by default freed blocks of up to 32 MB stay in the process "
-                             "for reuse, so new activations do not page-fault (resident memory stays near its peak)")
+                        help="keep glibc's malloc defaults; by default freed memory stays in the process for reuse, "
+                             "so new activations do not page-fault (resident memory stays near its peak)")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_parser in PARSERS:
         add_parser(subparsers)

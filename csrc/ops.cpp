@@ -1,4 +1,4 @@
-// Operator schemas only. Kernels: cpu/*.cpp and cuda/*.cu; autograd and fake kernels: resnet_deploy/ops.py.
+// Operator schemas only. Kernels: cpu/*.cpp and cuda/*.cu; autograd: autograd.cpp; fake kernels: resnet_deploy/ops.py.
 #include <torch/library.h>
 
 TORCH_LIBRARY(resnet_deploy, m) {

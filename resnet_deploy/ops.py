@@ -6,9 +6,10 @@ The C++ library (csrc/ops.cpp) defines three operators:
   bn_add_relu_backward(grad_out, out, input, mean, invstd, weight?, training, residual_grad)
       -> (grad_input, grad_residual, grad_weight, grad_bias)
   bn_update_running_stats(running_mean!, running_var!, mean, invstd, momentum, eps, count) -> ()
-The forward operators are functional: running statistics are updated here, outside autograd, by the last one.
+Autograd for the forwards is registered in C++ (csrc/autograd.cpp); they are functional: running statistics
+are updated here, outside autograd, by the last one.
 """
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -85,43 +86,3 @@ def _backward_fake(grad_out, out, input, mean, invstd, weight, training, residua
     grad_residual = torch.empty_like(input) if residual_grad else input.new_empty((0,))
     return (torch.empty_like(input), grad_residual,
             input.new_empty((channels,), dtype=param_dtype), input.new_empty((channels,), dtype=param_dtype))
-
-
-# Autograd: both forward operators share one backward operator, which reads the ReLU mask from `out`.
-def _remember_which_grads(ctx, residual, weight, bias):
-    ctx.has_residual = residual is not None
-    ctx.has_weight = weight is not None
-    ctx.has_bias = bias is not None
-
-
-def _train_setup_context(ctx, inputs, output):
-    input, residual, weight, bias, eps = inputs
-    out, mean, invstd = output
-    ctx.mark_non_differentiable(mean, invstd)
-    ctx.save_for_backward(out, input, mean, invstd, weight)
-    _remember_which_grads(ctx, residual, weight, bias)
-    ctx.training = True
-
-
-def _eval_setup_context(ctx, inputs, output):
-    input, residual, running_mean, running_var, weight, bias, eps = inputs
-    # The backward operator takes the statistics in any floating dtype.
-    invstd = torch.rsqrt(running_var + eps)
-    ctx.save_for_backward(output, input, running_mean, invstd, weight)
-    _remember_which_grads(ctx, residual, weight, bias)
-    ctx.training = False
-
-
-def _backward(ctx, grad_out: Tensor, *unused_stat_grads) -> Tuple[Optional[Tensor], ...]:
-    out, input, mean, invstd, weight = ctx.saved_tensors
-    grad_input, grad_residual, grad_weight, grad_bias = _ops.bn_add_relu_backward(
-        grad_out, out, input, mean, invstd, weight, ctx.training, ctx.has_residual)
-    grads = (grad_input, grad_residual if ctx.has_residual else None,
-             grad_weight if ctx.has_weight else None, grad_bias if ctx.has_bias else None)
-    if ctx.training:
-        return grads + (None,)  # eps
-    return grads[:2] + (None, None) + grads[2:] + (None,)  # running_mean, running_var, ..., eps
-
-
-torch.library.register_autograd("resnet_deploy::bn_add_relu_train", _backward, setup_context=_train_setup_context)
-torch.library.register_autograd("resnet_deploy::bn_add_relu_eval", _backward, setup_context=_eval_setup_context)

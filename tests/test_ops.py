@@ -113,6 +113,36 @@ def test_matches_unfused_expression(device, dtype, shape, memory_format, with_re
     torch.testing.assert_close(s_fused["running_var"], s_ref["running_var"], rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("wanted", [("input",), ("residual",), ("weight", "bias"), ("input", "weight"),
+                                    ("residual", "bias")])
+def test_gradients_only_for_tensors_that_require_them(wanted, training):
+    # A frozen layer, a residual branch without gradient, an input that is data: only the wanted gradients.
+    s_fused = sample_inputs((3, 6, 5, 4), "cpu", torch.float64, torch.contiguous_format, True)
+    for name in ("input", "residual", "weight", "bias"):
+        s_fused[name].requires_grad_(name in wanted)
+    s_ref = clone_sample(s_fused)
+    out = fused(s_fused, training)
+    expected = reference(s_ref, training)
+    grad = torch.randn_like(expected)
+    out.backward(grad)
+    expected.backward(grad)
+    for name in ("input", "residual", "weight", "bias"):
+        if name in wanted:
+            torch.testing.assert_close(s_fused[name].grad, s_ref[name].grad, rtol=1e-10, atol=1e-10)
+        else:
+            assert s_fused[name].grad is None
+
+
+def test_no_autograd_record_without_gradients():
+    s = sample_inputs((2, 3, 4, 4), "cpu", torch.float32, torch.contiguous_format, True, requires_grad=False)
+    assert fused(s, training=True).grad_fn is None
+    s["weight"].requires_grad_(True)
+    assert fused(s, training=True).grad_fn is not None
+    with torch.no_grad():
+        assert fused(s, training=False).grad_fn is None
+
+
 @pytest.fixture
 def streaming_stores():
     """Every float32 CPU output written with streaming stores, as large activations are."""

@@ -1,0 +1,138 @@
+// Autograd for the two forward operators, in C++ so that a training call costs no Python, and so that
+// TorchScript models loaded from C++ can be fine-tuned too. Both forwards share bn_add_relu_backward, which
+// reads the ReLU mask from the saved output. The forwards are functional: running statistics are updated by
+// the caller with bn_update_running_stats.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+
+namespace resnet_deploy {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptionalTensor = std::optional<at::Tensor>;
+
+using TrainSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const OptionalTensor&,
+                                                                const OptionalTensor&, const OptionalTensor&, double);
+using EvalSig = at::Tensor(const at::Tensor&, const OptionalTensor&, const at::Tensor&, const at::Tensor&,
+                           const OptionalTensor&, const OptionalTensor&, double);
+using BackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const OptionalTensor&, bool, bool);
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+bool present(const OptionalTensor& tensor) { return tensor.has_value() && tensor->defined(); }
+
+bool requires_grad(const OptionalTensor& tensor) { return present(tensor) && tensor->requires_grad(); }
+
+at::Tensor value_or_undefined(const OptionalTensor& tensor) { return present(tensor) ? *tensor : at::Tensor(); }
+
+// Saves what bn_add_relu_backward needs (out, input, mean, invstd, weight) and which gradients are wanted.
+// (AutogradContext::needs_input_grad counts only the tensors given, not the argument positions.)
+void save_for_backward(AutogradContext* ctx, const at::Tensor& out, const at::Tensor& input, const at::Tensor& mean,
+                       const at::Tensor& invstd, const OptionalTensor& residual, const OptionalTensor& weight,
+                       const OptionalTensor& bias, bool training) {
+  ctx->save_for_backward({out, input, mean, invstd, value_or_undefined(weight)});
+  ctx->saved_data["training"] = training;
+  ctx->saved_data["wanted"] = c10::List<bool>(
+      {input.requires_grad(), requires_grad(residual), requires_grad(weight), requires_grad(bias)});
+}
+
+// Gradients for (input, residual, weight, bias) from the shared backward operator; undefined where not wanted.
+variable_list input_and_param_grads(AutogradContext* ctx, const at::Tensor& grad_out) {
+  static const auto backward = find_op<BackwardSig>("resnet_deploy::bn_add_relu_backward");
+  const variable_list saved = ctx->get_saved_variables();
+  const at::Tensor& weight = saved[4];
+  const c10::List<bool> wanted = ctx->saved_data["wanted"].toBoolList();
+  auto [grad_input, grad_residual, grad_weight, grad_bias] =
+      backward.call(grad_out, saved[0], saved[1], saved[2], saved[3],
+                    weight.defined() ? OptionalTensor(weight) : std::nullopt, ctx->saved_data["training"].toBool(),
+                    /*residual_grad=*/wanted[1]);
+  return {wanted[0] ? grad_input : at::Tensor(), wanted[1] ? grad_residual : at::Tensor(),
+          wanted[2] ? grad_weight : at::Tensor(), wanted[3] ? grad_bias : at::Tensor()};
+}
+
+struct TrainFunction : public torch::autograd::Function<TrainFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const OptionalTensor& residual,
+                               const OptionalTensor& weight, const OptionalTensor& bias, double eps) {
+    static const auto train = find_op<TrainSig>("resnet_deploy::bn_add_relu_train");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [out, mean, invstd] = train.call(input, residual, weight, bias, eps);
+    ctx->mark_non_differentiable({mean, invstd});
+    save_for_backward(ctx, out, input, mean, invstd, residual, weight, bias, /*training=*/true);
+    return {out, mean, invstd};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    variable_list grads = input_and_param_grads(ctx, grad_outputs[0]);
+    grads.emplace_back();  // eps
+    return grads;
+  }
+};
+
+struct EvalFunction : public torch::autograd::Function<EvalFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const OptionalTensor& residual,
+                               const at::Tensor& running_mean, const at::Tensor& running_var,
+                               const OptionalTensor& weight, const OptionalTensor& bias, double eps) {
+    static const auto eval = find_op<EvalSig>("resnet_deploy::bn_add_relu_eval");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    at::Tensor out = eval.call(input, residual, running_mean, running_var, weight, bias, eps);
+    // The backward operator takes the statistics in any floating dtype.
+    const at::Tensor invstd = at::rsqrt(running_var + eps);
+    save_for_backward(ctx, out, input, running_mean, invstd, residual, weight, bias, /*training=*/false);
+    return {out};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list g = input_and_param_grads(ctx, grad_outputs[0]);
+    // input, residual, running_mean, running_var, weight, bias, eps
+    return {g[0], g[1], at::Tensor(), at::Tensor(), g[2], g[3], at::Tensor()};
+  }
+};
+
+// Without a gradient to record, calls go straight to the device kernel.
+bool records_grad(const at::Tensor& input, const OptionalTensor& residual, const OptionalTensor& weight,
+                  const OptionalTensor& bias) {
+  return at::GradMode::is_enabled() &&
+         (input.requires_grad() || requires_grad(residual) || requires_grad(weight) || requires_grad(bias));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> train_autograd(const at::Tensor& input, const OptionalTensor& residual,
+                                                              const OptionalTensor& weight,
+                                                              const OptionalTensor& bias, double eps) {
+  if (!records_grad(input, residual, weight, bias)) {
+    static const auto train = find_op<TrainSig>("resnet_deploy::bn_add_relu_train");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return train.call(input, residual, weight, bias, eps);
+  }
+  const variable_list outputs = TrainFunction::apply(input, residual, weight, bias, eps);
+  return {outputs[0], outputs[1], outputs[2]};
+}
+
+at::Tensor eval_autograd(const at::Tensor& input, const OptionalTensor& residual, const at::Tensor& running_mean,
+                         const at::Tensor& running_var, const OptionalTensor& weight, const OptionalTensor& bias,
+                         double eps) {
+  if (!records_grad(input, residual, weight, bias)) {
+    static const auto eval = find_op<EvalSig>("resnet_deploy::bn_add_relu_eval");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return eval.call(input, residual, running_mean, running_var, weight, bias, eps);
+  }
+  return EvalFunction::apply(input, residual, running_mean, running_var, weight, bias, eps)[0];
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(resnet_deploy, Autograd, m) {
+  m.impl("bn_add_relu_train", &train_autograd);
+  m.impl("bn_add_relu_eval", &eval_autograd);
+}
+
+}  // namespace resnet_deploy

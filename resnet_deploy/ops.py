@@ -52,9 +52,9 @@ def batch_norm_add_relu(input: Tensor, residual: Optional[Tensor], running_mean:
 
 def _update_running_stats(input: Tensor, mean: Tensor, invstd: Tensor, running_mean: Tensor,
                           running_var: Tensor, momentum: float, eps: float):
-    with torch.no_grad():
-        _ops.bn_update_running_stats(running_mean, running_var, mean, invstd, momentum, eps,
-                                     input.numel() // input.size(1))
+    # No torch.no_grad() needed: mean and invstd are non-differentiable outputs, and buffers need no gradient.
+    _ops.bn_update_running_stats(running_mean, running_var, mean, invstd, momentum, eps,
+                                 input.numel() // input.size(1))
 
 
 # Fake kernels: shapes and dtypes only, so torch.compile / torch.export / ONNX export can trace the ops.

@@ -1,6 +1,10 @@
 """The fused operator against the unfused PyTorch expression relu(batch_norm(x) + residual)."""
+import os
+import pathlib
 import random
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -171,6 +175,25 @@ def test_streaming_threshold_is_settable():
     finally:
         library.set_streaming_min_bytes(previous)
     assert library.streaming_min_bytes() == previous
+
+
+def _threshold_in_fresh_process(environment_value=None):
+    env = {k: v for k, v in os.environ.items() if k != "RESNET_DEPLOY_STREAMING_MIN_BYTES"}
+    if environment_value is not None:
+        env["RESNET_DEPLOY_STREAMING_MIN_BYTES"] = environment_value
+    code = "from resnet_deploy import _library; print(_library.load().streaming_min_bytes())"
+    return int(subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True,
+                              text=True).stdout.split()[-1])
+
+
+def test_streaming_threshold_defaults_to_the_last_level_cache():
+    l3 = pathlib.Path("/sys/devices/system/cpu/cpu0/cache/index3/size")
+    text = l3.read_text().strip() if l3.exists() else ""
+    units = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}
+    expected = (int(text[:-1]) * units[text[-1]] if text[-1:] in units else int(text)) if text else 32 * 1024 ** 2
+    assert _threshold_in_fresh_process() == expected
+    assert _threshold_in_fresh_process("12345") == 12345
+    assert _threshold_in_fresh_process("-1") == -1
 
 
 @pytest.mark.parametrize("training", [True, False])

@@ -237,10 +237,11 @@ inline bool rows_stream(const float* y, int64_t channels) {
   return channels % 16 == 0 && channels <= kStreamTile && reinterpret_cast<uintptr_t>(y) % 64 == 0;
 }
 
-// The streaming copy to write the float32 output y of a pass walking g with, or nullptr for normal stores.
-inline StreamFloats output_streamer(const Geometry& g, const float* y) {
-  const int64_t bytes = g.batch * g.channels * g.plane * int64_t(sizeof(float));
-  if (!stream_float_output(bytes) || (g.channels_last && !rows_stream(y, g.channels))) return nullptr;
+// The streaming copy to write the float32 output y of a pass walking g with, or nullptr for normal stores;
+// `tensors` is how many activation-sized tensors the operator touches.
+inline StreamFloats output_streamer(const Geometry& g, const float* y, int64_t tensors) {
+  const int64_t footprint = tensors * g.batch * g.channels * g.plane * int64_t(sizeof(float));
+  if (!stream_float_output(footprint) || (g.channels_last && !rows_stream(y, g.channels))) return nullptr;
   return stream_floats_function();
 }
 
@@ -416,7 +417,9 @@ template <typename T>
 std::vector<T> per_walked_channel(const T* values, const Geometry& g) {
   if (!walk_as_rows(g)) return std::vector<T>(values, values + g.channels);
   std::vector<T> repeated(g.channels * g.plane);
-  for (int64_t i = 0; i < g.channels * g.plane; ++i) repeated[i] = values[i / g.plane];
+  for (int64_t c = 0; c < g.channels; ++c) {
+    std::fill_n(repeated.begin() + c * g.plane, g.plane, values[c]);  // no division per element
+  }
   return repeated;
 }
 
@@ -424,7 +427,9 @@ std::vector<T> per_walked_channel(const T* values, const Geometry& g) {
 std::vector<double> per_channel_sums(const std::vector<double>& sums, const Geometry& g) {
   if (!walk_as_rows(g)) return sums;
   std::vector<double> folded(g.channels, 0.0);
-  for (int64_t i = 0; i < g.channels * g.plane; ++i) folded[i / g.plane] += sums[i];
+  for (int64_t c = 0; c < g.channels; ++c) {
+    for (int64_t i = c * g.plane; i < (c + 1) * g.plane; ++i) folded[c] += sums[i];
+  }
   return folded;
 }
 
@@ -465,7 +470,7 @@ void normalize_add_relu_pass(const Geometry& g, const scalar_t* x, const scalar_
                                                                 per_walked_channel(shift.data(), g));
   }
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (const StreamFloats stream = output_streamer(g, y)) {
+    if (const StreamFloats stream = output_streamer(g, y, kResidual ? 3 : 2)) {  // x, residual, y
       return elementwise(
           g,
           [&](int64_t begin, int64_t end) {
@@ -554,7 +559,7 @@ void backward_passes(const Geometry& g, const scalar_t* gy, const scalar_t* y, c
   const std::vector<acc_t> walked_c = per_walked_channel(kc.data(), g);
   const scalar_t* source = kStoreDz ? dz : gy;
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (const StreamFloats stream = output_streamer(w, gx)) {
+    if (const StreamFloats stream = output_streamer(w, gx, kStoreDz ? 5 : 4)) {  // grad_out, out, x, dz, gx
       return elementwise(
           w,
           [&](int64_t begin, int64_t end) {

@@ -4,6 +4,7 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <fstream>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -15,9 +16,19 @@
 namespace resnet_deploy {
 namespace {
 
-// Measured on the ResNet-18 sites (scripts/bench_op.py --resnet18-sites): larger outputs leave the cache
-// before the next layer reads them anyway.
-constexpr int64_t kDefaultStreamingMinBytes = 4 * 1024 * 1024;
+// Used when the system does not tell the last-level cache's size.
+constexpr int64_t kFallbackCacheBytes = 32 * 1024 * 1024;
+
+// The size of the last-level cache shared by this CPU's cores, as Linux reports it ("32768K").
+int64_t last_level_cache_bytes() {
+  std::ifstream file("/sys/devices/system/cpu/cpu0/cache/index3/size");
+  long long value = 0;
+  char unit = '\0';
+  if (!(file >> value) || value <= 0) return kFallbackCacheBytes;
+  file >> unit;
+  const int64_t scale = unit == 'K' ? 1024 : unit == 'M' ? 1024 * 1024 : unit == 'G' ? 1024 * 1024 * 1024 : 1;
+  return static_cast<int64_t>(value) * scale;
+}
 
 #if RD_HAVE_STREAMING_STORES
 __attribute__((target("avx"))) void stream_floats_avx(float* dst, const float* src, int64_t n) {
@@ -31,10 +42,10 @@ void stream_floats_sse(float* dst, const float* src, int64_t n) {
 
 int64_t threshold_from_environment() {
   const char* text = std::getenv("RESNET_DEPLOY_STREAMING_MIN_BYTES");
-  if (text == nullptr || *text == '\0') return kDefaultStreamingMinBytes;
+  if (text == nullptr || *text == '\0') return last_level_cache_bytes();
   char* end = nullptr;
   const long long value = std::strtoll(text, &end, 10);
-  return *end == '\0' ? static_cast<int64_t>(value) : kDefaultStreamingMinBytes;
+  return *end == '\0' ? static_cast<int64_t>(value) : last_level_cache_bytes();
 }
 
 std::atomic<int64_t>& threshold() {
@@ -63,9 +74,9 @@ int64_t streaming_min_bytes() { return threshold().load(); }
 
 int64_t set_streaming_min_bytes(int64_t bytes) { return threshold().exchange(bytes); }
 
-bool stream_float_output(int64_t bytes) {
+bool stream_float_output(int64_t footprint_bytes) {
   const int64_t min_bytes = streaming_min_bytes();
-  return stream_floats_function() != nullptr && min_bytes >= 0 && bytes >= min_bytes;
+  return stream_floats_function() != nullptr && min_bytes >= 0 && footprint_bytes >= min_bytes;
 }
 
 }  // namespace resnet_deploy

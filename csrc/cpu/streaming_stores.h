@@ -18,13 +18,16 @@ using StreamFloats = void (*)(float* dst, const float* src, int64_t n);
 StreamFloats stream_floats_function();
 void streaming_fence();
 
-// Outputs of at least this many bytes are streamed; RESNET_DEPLOY_STREAMING_MIN_BYTES sets the starting value
-// (0 streams everything, a negative value nothing).
+// A pass streams its output when the activations the operator touches take at least this many bytes
+// together (its footprint): then they cannot all stay in the last-level cache, and the output would push
+// the inputs out before the next pass or layer reads them. Below it, the output is stored normally, and the
+// next layer finds it in cache. Default: the last-level cache's size; RESNET_DEPLOY_STREAMING_MIN_BYTES sets
+// the starting value (0 streams everything, a negative value nothing).
 int64_t streaming_min_bytes();
 // Sets the threshold for the rest of the process and returns the previous one.
 int64_t set_streaming_min_bytes(int64_t bytes);
 
-// Whether an output of `bytes` bytes of float32 is written with streaming stores.
-bool stream_float_output(int64_t bytes);
+// Whether an operator whose activations take footprint_bytes writes its float32 output with streaming stores.
+bool stream_float_output(int64_t footprint_bytes);
 
 }  // namespace resnet_deploy

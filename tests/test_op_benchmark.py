@@ -28,6 +28,7 @@ def test_a_tiny_run_times_every_implementation_against_a_footprint_bound():
         assert row["fused_ms"] > 0 and row["eager_ms"] > 0 and row["compile_ms"] is None
         passes = op_benchmark.EVAL_PASSES if row["mode"] == "eval forward" else op_benchmark.TRAIN_PASSES
         assert row["bound_ms"] == pytest.approx(passes * activation_bytes / (row["bandwidth_gbs"] * 1e9) * 1e3)
+        assert row["eager_vs_bound"] == pytest.approx(row["eager_ms"] / row["bound_ms"])
         assert row["fused_faults"] >= 0 and row["eager_faults"] >= 0
     assert report["env"]["malloc"] in ("retain", "system") or report["env"]["malloc"].startswith("user")
 

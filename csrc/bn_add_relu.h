@@ -7,6 +7,10 @@
 
 #if defined(__CUDACC__)
 #define RD_HOST_DEVICE __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// Always inlined, as on the device: the CPU kernels' loops compiled with other optimization options (reordered
+// sums) must still inline them.
+#define RD_HOST_DEVICE inline __attribute__((always_inline))
 #else
 #define RD_HOST_DEVICE inline
 #endif

@@ -137,7 +137,12 @@ def measure(shape, memory_format: str, with_compile: bool, min_run_time: float,
             with_residual: bool = True, log=print) -> List[Row]:
     fmt = FORMATS[memory_format]
     activation_bytes = torch.Size(shape).numel() * 4
-    compiled = torch.compile(unfused, dynamic=False) if with_compile else None
+    compiled = None
+    if with_compile:
+        # Dynamo's cache of `unfused` is shared by every shape and layout: past its recompile limit (8) it
+        # would silently run the expression eagerly, so every shape starts from an empty cache.
+        torch._dynamo.reset()
+        compiled = torch.compile(unfused, dynamic=False)
     rows = []
     for mode, make_step, passes, footprint, grad in (
             ("eval forward", _eval_step, EVAL_PASSES, EVAL_FOOTPRINT, False),

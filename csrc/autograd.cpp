@@ -1,5 +1,4 @@
-// Autograd for the two forward operators, in C++ so that a training call costs no Python, and so that
-// TorchScript models loaded from C++ can be fine-tuned too. Both forwards share bn_add_relu_backward, which
+// Autograd for the two forward operators, in C++ so that a training call costs no Python. Both forwards share bn_add_relu_backward, which
 // reads the ReLU mask from the saved output. The forwards are functional: running statistics are updated by
 // the caller with bn_update_running_stats.
 #include <ATen/ATen.h>
@@ -27,6 +26,25 @@ using BackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+// The forward kernels, called below the autograd layer (from the autograd functions, or directly when there is
+// no gradient to record).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> train_below_autograd(const at::Tensor& input,
+                                                                    const OptionalTensor& residual,
+                                                                    const OptionalTensor& weight,
+                                                                    const OptionalTensor& bias, double eps) {
+  static const auto train = find_op<TrainSig>("resnet_deploy::bn_add_relu_train");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return train.call(input, residual, weight, bias, eps);
+}
+
+at::Tensor eval_below_autograd(const at::Tensor& input, const OptionalTensor& residual,
+                               const at::Tensor& running_mean, const at::Tensor& running_var,
+                               const OptionalTensor& weight, const OptionalTensor& bias, double eps) {
+  static const auto eval = find_op<EvalSig>("resnet_deploy::bn_add_relu_eval");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return eval.call(input, residual, running_mean, running_var, weight, bias, eps);
 }
 
 bool present(const OptionalTensor& tensor) { return tensor.has_value() && tensor->defined(); }
@@ -63,9 +81,7 @@ variable_list input_and_param_grads(AutogradContext* ctx, const at::Tensor& grad
 struct TrainFunction : public torch::autograd::Function<TrainFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const OptionalTensor& residual,
                                const OptionalTensor& weight, const OptionalTensor& bias, double eps) {
-    static const auto train = find_op<TrainSig>("resnet_deploy::bn_add_relu_train");
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [out, mean, invstd] = train.call(input, residual, weight, bias, eps);
+    auto [out, mean, invstd] = train_below_autograd(input, residual, weight, bias, eps);
     ctx->mark_non_differentiable({mean, invstd});
     save_for_backward(ctx, out, input, mean, invstd, residual, weight, bias, /*training=*/true);
     return {out, mean, invstd};
@@ -82,9 +98,7 @@ struct EvalFunction : public torch::autograd::Function<EvalFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const OptionalTensor& residual,
                                const at::Tensor& running_mean, const at::Tensor& running_var,
                                const OptionalTensor& weight, const OptionalTensor& bias, double eps) {
-    static const auto eval = find_op<EvalSig>("resnet_deploy::bn_add_relu_eval");
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    at::Tensor out = eval.call(input, residual, running_mean, running_var, weight, bias, eps);
+    at::Tensor out = eval_below_autograd(input, residual, running_mean, running_var, weight, bias, eps);
     // The backward operator takes the statistics in any floating dtype.
     const at::Tensor invstd = at::rsqrt(running_var + eps);
     save_for_backward(ctx, out, input, running_mean, invstd, residual, weight, bias, /*training=*/false);
@@ -109,9 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> train_autograd(const at::Tensor& 
                                                               const OptionalTensor& weight,
                                                               const OptionalTensor& bias, double eps) {
   if (!records_grad(input, residual, weight, bias)) {
-    static const auto train = find_op<TrainSig>("resnet_deploy::bn_add_relu_train");
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return train.call(input, residual, weight, bias, eps);
+    return train_below_autograd(input, residual, weight, bias, eps);
   }
   const variable_list outputs = TrainFunction::apply(input, residual, weight, bias, eps);
   return {outputs[0], outputs[1], outputs[2]};
@@ -121,9 +133,7 @@ at::Tensor eval_autograd(const at::Tensor& input, const OptionalTensor& residual
                          const at::Tensor& running_var, const OptionalTensor& weight, const OptionalTensor& bias,
                          double eps) {
   if (!records_grad(input, residual, weight, bias)) {
-    static const auto eval = find_op<EvalSig>("resnet_deploy::bn_add_relu_eval");
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return eval.call(input, residual, running_mean, running_var, weight, bias, eps);
+    return eval_below_autograd(input, residual, running_mean, running_var, weight, bias, eps);
   }
   return EvalFunction::apply(input, residual, running_mean, running_var, weight, bias, eps)[0];
 }

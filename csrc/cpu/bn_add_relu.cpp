@@ -180,8 +180,9 @@ RD_CPU_CLONES void rows_backward_apply(const scalar_t* grad_out_or_dz, const sca
 // ---- NCHW: planes [begin, end) of N*C, plane p holding channel p % C ----
 
 template <typename scalar_t, typename acc_t>
-RD_CPU_CLONES RD_REORDERED_SUMS void planes_shifted_sums(const scalar_t* x, int64_t begin, int64_t end, int64_t plane, int64_t channels,
-                                       const acc_t* shift, double* sum, double* sum_sq) {
+RD_CPU_CLONES RD_REORDERED_SUMS void planes_shifted_sums(const scalar_t* x, int64_t begin, int64_t end,
+                                                         int64_t plane, int64_t channels, const acc_t* shift,
+                                                         double* sum, double* sum_sq) {
   for (int64_t p = begin; p < end; ++p) {
     const int64_t c = p % channels;
     acc_t s = 0, ss = 0;  // one plane in acc_t, then into double
@@ -202,9 +203,10 @@ RD_CPU_CLONES void planes_forward(const scalar_t* x, const scalar_t* residual, s
 }
 
 template <typename scalar_t, typename acc_t, bool kStoreDz>
-RD_CPU_CLONES RD_REORDERED_SUMS void planes_backward_sums(const scalar_t* grad_out, const scalar_t* out, const scalar_t* x,
-                                        scalar_t* dz_out, int64_t begin, int64_t end, int64_t plane,
-                                        int64_t channels, const acc_t* mean, double* sum_dz, double* sum_dz_xmu) {
+RD_CPU_CLONES RD_REORDERED_SUMS void planes_backward_sums(const scalar_t* grad_out, const scalar_t* out,
+                                                          const scalar_t* x, scalar_t* dz_out, int64_t begin,
+                                                          int64_t end, int64_t plane, int64_t channels,
+                                                          const acc_t* mean, double* sum_dz, double* sum_dz_xmu) {
   for (int64_t p = begin; p < end; ++p) {
     const int64_t c = p % channels;
     const int64_t o = p * plane;

@@ -54,11 +54,39 @@ RD_ALWAYS_INLINE RD_REORDERED_SUMS void span_shifted_sums(const scalar_t* __rest
   *sum_sq += ss;
 }
 
-template <typename scalar_t, typename acc_t>
-RD_CPU_CLONES void rows_shifted_sums(const scalar_t* __restrict__ x, int64_t rows, int64_t channels,
+// channels_last sums walk kRowsTogether rows per step and add them before touching the per-channel sums: those
+// live in memory (the channel count is not known at compile time), so each row's add would otherwise wait on
+// the previous row's store.
+constexpr int64_t kRowsTogether = 4;
+
+// The rows_* sums take the channel count as a template argument for the common ResNet widths, so that the
+// compiler unrolls a row and keeps the per-channel sums in registers; kChannels = 0 reads it at run time.
+template <typename F>
+void with_fixed_channels(int64_t channels, const F& f) {
+  if (channels == 64) return f(std::integral_constant<int64_t, 64>{});
+  if (channels == 128) return f(std::integral_constant<int64_t, 128>{});
+  f(std::integral_constant<int64_t, 0>{});
+}
+
+template <typename scalar_t, typename acc_t, int64_t kChannels>
+RD_CPU_CLONES void rows_shifted_sums(const scalar_t* __restrict__ x, int64_t rows, int64_t runtime_channels,
                                      const acc_t* __restrict__ shift, acc_t* __restrict__ sum,
                                      acc_t* __restrict__ sum_sq) {
-  for (int64_t row = 0; row < rows; ++row) {
+  const int64_t channels = kChannels > 0 ? kChannels : runtime_channels;
+  int64_t row = 0;
+  for (; row + kRowsTogether <= rows; row += kRowsTogether) {
+    const scalar_t* __restrict__ xr = x + row * channels;
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c) {
+      const acc_t d0 = static_cast<acc_t>(xr[c]) - shift[c];
+      const acc_t d1 = static_cast<acc_t>(xr[channels + c]) - shift[c];
+      const acc_t d2 = static_cast<acc_t>(xr[2 * channels + c]) - shift[c];
+      const acc_t d3 = static_cast<acc_t>(xr[3 * channels + c]) - shift[c];
+      sum[c] += (d0 + d1) + (d2 + d3);
+      sum_sq[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+    }
+  }
+  for (; row < rows; ++row) {
     const scalar_t* __restrict__ xr = x + row * channels;
 #pragma omp simd
     for (int64_t c = 0; c < channels; ++c) {
@@ -118,19 +146,45 @@ RD_ALWAYS_INLINE RD_REORDERED_SUMS void span_backward_sums(const scalar_t* __res
   *sum_dz_xmu += s1;
 }
 
+// One value's terms of the backward sums: dz, stored when kStoreDz, and dz * (x - mean).
 template <typename scalar_t, typename acc_t, bool kStoreDz>
+RD_ALWAYS_INLINE acc_t backward_terms(scalar_t grad_out, scalar_t out, scalar_t x, scalar_t* dz_out, acc_t mean,
+                                      acc_t* dz_xmu) {
+  const acc_t dz = relu_backward(static_cast<acc_t>(grad_out), static_cast<acc_t>(out));
+  if (kStoreDz) *dz_out = static_cast<scalar_t>(dz);
+  *dz_xmu = dz * (static_cast<acc_t>(x) - mean);
+  return dz;
+}
+
+template <typename scalar_t, typename acc_t, bool kStoreDz, int64_t kChannels>
 RD_CPU_CLONES void rows_backward_sums(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ out,
                                       const scalar_t* __restrict__ x, scalar_t* __restrict__ dz_out, int64_t rows,
-                                      int64_t channels, const acc_t* __restrict__ mean, acc_t* __restrict__ sum_dz,
-                                      acc_t* __restrict__ sum_dz_xmu) {
-  for (int64_t row = 0; row < rows; ++row) {
+                                      int64_t runtime_channels, const acc_t* __restrict__ mean,
+                                      acc_t* __restrict__ sum_dz, acc_t* __restrict__ sum_dz_xmu) {
+  const int64_t channels = kChannels > 0 ? kChannels : runtime_channels;
+  int64_t row = 0;
+  for (; row + kRowsTogether <= rows; row += kRowsTogether) {
     const int64_t base = row * channels;
 #pragma omp simd
     for (int64_t c = 0; c < channels; ++c) {
-      const acc_t dz = relu_backward(static_cast<acc_t>(grad_out[base + c]), static_cast<acc_t>(out[base + c]));
-      if (kStoreDz) dz_out[base + c] = static_cast<scalar_t>(dz);
-      sum_dz[c] += dz;
-      sum_dz_xmu[c] += dz * (static_cast<acc_t>(x[base + c]) - mean[c]);
+      acc_t t0, t1, t2, t3;
+      const int64_t i0 = base + c, i1 = i0 + channels, i2 = i1 + channels, i3 = i2 + channels;
+      const acc_t dz0 = backward_terms<scalar_t, acc_t, kStoreDz>(grad_out[i0], out[i0], x[i0], dz_out + i0, mean[c], &t0);
+      const acc_t dz1 = backward_terms<scalar_t, acc_t, kStoreDz>(grad_out[i1], out[i1], x[i1], dz_out + i1, mean[c], &t1);
+      const acc_t dz2 = backward_terms<scalar_t, acc_t, kStoreDz>(grad_out[i2], out[i2], x[i2], dz_out + i2, mean[c], &t2);
+      const acc_t dz3 = backward_terms<scalar_t, acc_t, kStoreDz>(grad_out[i3], out[i3], x[i3], dz_out + i3, mean[c], &t3);
+      sum_dz[c] += (dz0 + dz1) + (dz2 + dz3);
+      sum_dz_xmu[c] += (t0 + t1) + (t2 + t3);
+    }
+  }
+  for (; row < rows; ++row) {
+    const int64_t base = row * channels;
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c) {
+      acc_t t;
+      sum_dz[c] += backward_terms<scalar_t, acc_t, kStoreDz>(grad_out[base + c], out[base + c], x[base + c],
+                                                             dz_out + base + c, mean[c], &t);
+      sum_dz_xmu[c] += t;
     }
   }
 }
@@ -341,7 +395,7 @@ RD_CPU_CLONES void rows_backward_apply_streamed(const float* grad_out_or_dz, con
 // Work below this many elements per task is not worth a thread hand-off.
 constexpr int64_t kElementsPerTask = 32768;
 // channels_last partial sums stay in acc_t for this many rows, then move into double.
-constexpr int64_t kRowsPerPartialSum = 64;
+constexpr int64_t kRowsPerPartialSum = 256;
 
 // Two sums per channel, in double. add_planes(begin, end, s0[], s1[]) adds NCHW planes into per-channel double
 // arrays; add_rows(offset, rows, s0[], s1[]) adds a block of channels_last rows into per-channel acc_t arrays.
@@ -460,7 +514,10 @@ void batch_stats(const Geometry& g, const scalar_t* x, acc_t* mean, acc_t* invst
         planes_shifted_sums<scalar_t, acc_t>(x, begin, end, w.plane, w.channels, walked_shift.data(), s, ss);
       },
       [&](int64_t offset, int64_t rows, acc_t* s, acc_t* ss) {
-        rows_shifted_sums<scalar_t, acc_t>(x + offset, rows, w.channels, walked_shift.data(), s, ss);
+        with_fixed_channels(w.channels, [&](auto fixed) {
+          rows_shifted_sums<scalar_t, acc_t, decltype(fixed)::value>(x + offset, rows, w.channels,
+                                                                     walked_shift.data(), s, ss);
+        });
       },
       sum, sum_sq);
   sum = per_channel_sums(sum, g);
@@ -543,9 +600,11 @@ void backward_passes(const Geometry& g, const scalar_t* gy, const scalar_t* y, c
                                                         walked_mean.data(), s0, s1);
       },
       [&](int64_t offset, int64_t rows, acc_t* s0, acc_t* s1) {
-        rows_backward_sums<scalar_t, acc_t, kStoreDz>(gy + offset, y + offset, x + offset,
-                                                      kStoreDz ? dz + offset : nullptr, rows, w.channels,
-                                                      walked_mean.data(), s0, s1);
+        with_fixed_channels(w.channels, [&](auto fixed) {
+          rows_backward_sums<scalar_t, acc_t, kStoreDz, decltype(fixed)::value>(
+              gy + offset, y + offset, x + offset, kStoreDz ? dz + offset : nullptr, rows, w.channels,
+              walked_mean.data(), s0, s1);
+        });
       },
       sum_dz, sum_dz_xmu);
   sum_dz = per_channel_sums(sum_dz, g);

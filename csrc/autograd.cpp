@@ -1,6 +1,6 @@
-// Autograd for the two forward operators, in C++ so that a training call costs no Python. Both forwards share bn_add_relu_backward, which
-// reads the ReLU mask from the saved output. The forwards are functional: running statistics are updated by
-// the caller with bn_update_running_stats.
+// Autograd for the two forward operators, in C++ so that a training call costs no Python. Both forwards
+// share bn_add_relu_backward, which reads the ReLU mask from the saved output. The forwards are functional:
+// running statistics are updated by the caller with bn_update_running_stats.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>

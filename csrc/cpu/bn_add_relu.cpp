@@ -54,9 +54,9 @@ RD_ALWAYS_INLINE RD_REORDERED_SUMS void span_shifted_sums(const scalar_t* __rest
   *sum_sq += ss;
 }
 
-// channels_last sums walk kRowsTogether rows per step and add them before touching the per-channel sums: those
-// live in memory (the channel count is not known at compile time), so each row's add would otherwise wait on
-// the previous row's store.
+// channels_last sums walk kRowsTogether rows per step and add them before touching the per-channel sums: with
+// a channel count known only at run time those live in memory, and each row's add would otherwise wait on the
+// previous row's store.
 constexpr int64_t kRowsTogether = 4;
 
 // The rows_* sums take the channel count as a template argument for the common ResNet widths, so that the
@@ -146,13 +146,15 @@ RD_ALWAYS_INLINE RD_REORDERED_SUMS void span_backward_sums(const scalar_t* __res
   *sum_dz_xmu += s1;
 }
 
-// One value's terms of the backward sums: dz, stored when kStoreDz, and dz * (x - mean).
+// Element i's terms of the backward sums: returns dz (also written to dz_out[i] when kStoreDz) and sets
+// *dz_xmu = dz * (x - mean).
 template <typename scalar_t, typename acc_t, bool kStoreDz>
-RD_ALWAYS_INLINE acc_t backward_terms(scalar_t grad_out, scalar_t out, scalar_t x, scalar_t* dz_out, acc_t mean,
-                                      acc_t* dz_xmu) {
-  const acc_t dz = relu_backward(static_cast<acc_t>(grad_out), static_cast<acc_t>(out));
-  if (kStoreDz) *dz_out = static_cast<scalar_t>(dz);
-  *dz_xmu = dz * (static_cast<acc_t>(x) - mean);
+RD_ALWAYS_INLINE acc_t backward_terms(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ out,
+                                      const scalar_t* __restrict__ x, scalar_t* __restrict__ dz_out, int64_t i,
+                                      acc_t mean, acc_t* dz_xmu) {
+  const acc_t dz = relu_backward(static_cast<acc_t>(grad_out[i]), static_cast<acc_t>(out[i]));
+  if (kStoreDz) dz_out[i] = static_cast<scalar_t>(dz);
+  *dz_xmu = dz * (static_cast<acc_t>(x[i]) - mean);
   return dz;
 }
 
@@ -167,12 +169,14 @@ RD_CPU_CLONES void rows_backward_sums(const scalar_t* __restrict__ grad_out, con
     const int64_t base = row * channels;
 #pragma omp simd
     for (int64_t c = 0; c < channels; ++c) {
+      const int64_t i = base + c;
       acc_t t0, t1, t2, t3;
-      const int64_t i0 = base + c, i1 = i0 + channels, i2 = i1 + channels, i3 = i2 + channels;
-      const acc_t dz0 = backward_terms<scalar_t, acc_t, kStoreDz>(grad_out[i0], out[i0], x[i0], dz_out + i0, mean[c], &t0);
-      const acc_t dz1 = backward_terms<scalar_t, acc_t, kStoreDz>(grad_out[i1], out[i1], x[i1], dz_out + i1, mean[c], &t1);
-      const acc_t dz2 = backward_terms<scalar_t, acc_t, kStoreDz>(grad_out[i2], out[i2], x[i2], dz_out + i2, mean[c], &t2);
-      const acc_t dz3 = backward_terms<scalar_t, acc_t, kStoreDz>(grad_out[i3], out[i3], x[i3], dz_out + i3, mean[c], &t3);
+      const acc_t dz0 = backward_terms<scalar_t, acc_t, kStoreDz>(grad_out, out, x, dz_out, i, mean[c], &t0);
+      const acc_t dz1 = backward_terms<scalar_t, acc_t, kStoreDz>(grad_out, out, x, dz_out, i + channels, mean[c], &t1);
+      const acc_t dz2 =
+          backward_terms<scalar_t, acc_t, kStoreDz>(grad_out, out, x, dz_out, i + 2 * channels, mean[c], &t2);
+      const acc_t dz3 =
+          backward_terms<scalar_t, acc_t, kStoreDz>(grad_out, out, x, dz_out, i + 3 * channels, mean[c], &t3);
       sum_dz[c] += (dz0 + dz1) + (dz2 + dz3);
       sum_dz_xmu[c] += (t0 + t1) + (t2 + t3);
     }
@@ -182,8 +186,7 @@ RD_CPU_CLONES void rows_backward_sums(const scalar_t* __restrict__ grad_out, con
 #pragma omp simd
     for (int64_t c = 0; c < channels; ++c) {
       acc_t t;
-      sum_dz[c] += backward_terms<scalar_t, acc_t, kStoreDz>(grad_out[base + c], out[base + c], x[base + c],
-                                                             dz_out + base + c, mean[c], &t);
+      sum_dz[c] += backward_terms<scalar_t, acc_t, kStoreDz>(grad_out, out, x, dz_out, base + c, mean[c], &t);
       sum_dz_xmu[c] += t;
     }
   }

@@ -403,10 +403,13 @@ constexpr int64_t kRowsPerPartialSum = 256;
 // Two sums per channel, in double. add_planes(begin, end, s0[], s1[]) adds NCHW planes into per-channel double
 // arrays; add_rows(offset, rows, s0[], s1[]) adds a block of channels_last rows into per-channel acc_t arrays.
 // Both layouts are read in memory order, each thread into partial sums of its own, combined at the end.
+// `fold` > 1 when small NCHW planes are walked as rows (see walk_as_rows): each channel then owns `fold`
+// consecutive columns, added together as a block's sums move into double, so that the per-thread sums and the
+// results hold one value per channel, not one per column.
 template <typename acc_t, typename AddPlanes, typename AddRows>
-void channel_sums(const Geometry& g, const AddPlanes& add_planes, const AddRows& add_rows, std::vector<double>& sum0,
-                  std::vector<double>& sum1) {
-  const int64_t channels = g.channels;
+void channel_sums(const Geometry& g, int64_t fold, const AddPlanes& add_planes, const AddRows& add_rows,
+                  std::vector<double>& sum0, std::vector<double>& sum1) {
+  const int64_t channels = g.channels / fold;
   const int threads = at::get_num_threads();
   std::vector<double> partial(2 * threads * channels, 0.0);
   if (!g.channels_last) {
@@ -417,18 +420,20 @@ void channel_sums(const Geometry& g, const AddPlanes& add_planes, const AddRows&
       add_planes(begin, end, p0, p1);
     });
   } else {
-    const int64_t grain = std::max<int64_t>(1, kElementsPerTask / channels);
+    const int64_t columns = g.channels;
+    const int64_t grain = std::max<int64_t>(1, kElementsPerTask / columns);
     at::parallel_for(0, g.batch * g.plane, grain, [&](int64_t begin, int64_t end) {
       double* p0 = partial.data() + 2 * at::get_thread_num() * channels;
       double* p1 = p0 + channels;
-      std::vector<acc_t> block0(channels), block1(channels);
+      std::vector<acc_t> block0(columns), block1(columns);  // zeroed here, then again as they are emptied
       for (int64_t row = begin; row < end; row += kRowsPerPartialSum) {
-        std::fill(block0.begin(), block0.end(), acc_t(0));
-        std::fill(block1.begin(), block1.end(), acc_t(0));
-        add_rows(row * channels, std::min(kRowsPerPartialSum, end - row), block0.data(), block1.data());
+        add_rows(row * columns, std::min(kRowsPerPartialSum, end - row), block0.data(), block1.data());
         for (int64_t c = 0; c < channels; ++c) {
-          p0[c] += block0[c];
-          p1[c] += block1[c];
+          for (int64_t k = c * fold; k < (c + 1) * fold; ++k) {
+            p0[c] += block0[k];
+            p1[c] += block1[k];
+            block0[k] = block1[k] = acc_t(0);
+          }
         }
       }
     });
@@ -484,21 +489,12 @@ Geometry rows_geometry(const Geometry& g) {
 template <typename T>
 std::vector<T> per_walked_channel(const T* values, const Geometry& g) {
   if (!walk_as_rows(g)) return std::vector<T>(values, values + g.channels);
-  std::vector<T> repeated(g.channels * g.plane);
+  std::vector<T> repeated;
+  repeated.reserve(g.channels * g.plane);
   for (int64_t c = 0; c < g.channels; ++c) {
-    std::fill_n(repeated.begin() + c * g.plane, g.plane, values[c]);  // no division per element
+    repeated.insert(repeated.end(), g.plane, values[c]);  // no division per element, no zero-filling first
   }
   return repeated;
-}
-
-// Sums over walked channels folded back to one per channel.
-std::vector<double> per_channel_sums(const std::vector<double>& sums, const Geometry& g) {
-  if (!walk_as_rows(g)) return sums;
-  std::vector<double> folded(g.channels, 0.0);
-  for (int64_t c = 0; c < g.channels; ++c) {
-    for (int64_t i = c * g.plane; i < (c + 1) * g.plane; ++i) folded[c] += sums[i];
-  }
-  return folded;
 }
 
 // Batch mean and inverse std of every channel, from sums shifted by the channel's first value.
@@ -512,7 +508,7 @@ void batch_stats(const Geometry& g, const scalar_t* x, acc_t* mean, acc_t* invst
   const std::vector<acc_t> walked_shift = per_walked_channel(shift.data(), g);
   std::vector<double> sum, sum_sq;
   channel_sums<acc_t>(
-      w,
+      w, walk_as_rows(g) ? g.plane : 1,
       [&](int64_t begin, int64_t end, double* s, double* ss) {
         planes_shifted_sums<scalar_t, acc_t>(x, begin, end, w.plane, w.channels, walked_shift.data(), s, ss);
       },
@@ -523,8 +519,6 @@ void batch_stats(const Geometry& g, const scalar_t* x, acc_t* mean, acc_t* invst
         });
       },
       sum, sum_sq);
-  sum = per_channel_sums(sum, g);
-  sum_sq = per_channel_sums(sum_sq, g);
   for (int64_t c = 0; c < g.channels; ++c) {
     const MeanVar<acc_t> mv = mean_var_from_shifted_sums<acc_t>(sum[c], sum_sq[c], double(g.per_channel()), shift[c]);
     mean[c] = mv.mean;
@@ -597,7 +591,7 @@ void backward_passes(const Geometry& g, const scalar_t* gy, const scalar_t* y, c
   const std::vector<acc_t> walked_mean = per_walked_channel(mean, g);
   std::vector<double> sum_dz, sum_dz_xmu;
   channel_sums<acc_t>(
-      w,
+      w, walk_as_rows(g) ? g.plane : 1,
       [&](int64_t begin, int64_t end, double* s0, double* s1) {
         planes_backward_sums<scalar_t, acc_t, kStoreDz>(gy, y, x, dz, begin, end, w.plane, w.channels,
                                                         walked_mean.data(), s0, s1);
@@ -610,8 +604,6 @@ void backward_passes(const Geometry& g, const scalar_t* gy, const scalar_t* y, c
         });
       },
       sum_dz, sum_dz_xmu);
-  sum_dz = per_channel_sums(sum_dz, g);
-  sum_dz_xmu = per_channel_sums(sum_dz_xmu, g);
 
   const int64_t channels = g.channels;
   std::vector<acc_t> ka(channels), kb(channels), kc(channels);

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -485,17 +486,26 @@ Geometry rows_geometry(const Geometry& g) {
   return {g.batch, g.channels * g.plane, 1, true};
 }
 
-// Per-channel values in the geometry that walks g: repeated per plane element when g is walked as rows.
+// Per-channel values as the walk of g reads them: the values themselves, or, when g is walked as rows, each
+// repeated H*W times (written once, without zero-filling first: at batch 1 this is as much work as the data).
 template <typename T>
-std::vector<T> per_walked_channel(const T* values, const Geometry& g) {
-  if (!walk_as_rows(g)) return std::vector<T>(values, values + g.channels);
-  std::vector<T> repeated;
-  repeated.reserve(g.channels * g.plane);
-  for (int64_t c = 0; c < g.channels; ++c) {
-    repeated.insert(repeated.end(), g.plane, values[c]);  // no division per element, no zero-filling first
+class PerWalkedChannel {
+ public:
+  PerWalkedChannel(const T* values, const Geometry& g) : data_(values) {
+    if (!walk_as_rows(g)) return;
+    repeated_.reset(new T[g.channels * g.plane]);
+    T* out = repeated_.get();
+    for (int64_t c = 0; c < g.channels; ++c) {
+      for (int64_t k = 0; k < g.plane; ++k) *out++ = values[c];  // no division per element
+    }
+    data_ = repeated_.get();
   }
-  return repeated;
-}
+  const T* data() const { return data_; }
+
+ private:
+  std::unique_ptr<T[]> repeated_;
+  const T* data_;
+};
 
 // Batch mean and inverse std of every channel, from sums shifted by the channel's first value.
 template <typename scalar_t, typename acc_t>
@@ -505,7 +515,7 @@ void batch_stats(const Geometry& g, const scalar_t* x, acc_t* mean, acc_t* invst
     shift[c] = static_cast<acc_t>(x[g.channels_last ? c : c * g.plane]);
   }
   const Geometry w = walk_as_rows(g) ? rows_geometry(g) : g;
-  const std::vector<acc_t> walked_shift = per_walked_channel(shift.data(), g);
+  const PerWalkedChannel<acc_t> walked_shift(shift.data(), g);
   std::vector<double> sum, sum_sq;
   channel_sums<acc_t>(
       w, walk_as_rows(g) ? g.plane : 1,
@@ -528,35 +538,35 @@ void batch_stats(const Geometry& g, const scalar_t* x, acc_t* mean, acc_t* invst
 
 template <typename scalar_t, typename acc_t, bool kResidual>
 void normalize_add_relu_pass(const Geometry& g, const scalar_t* x, const scalar_t* r, scalar_t* y,
-                             const std::vector<acc_t>& scale, const std::vector<acc_t>& shift) {
+                             const acc_t* scale, const acc_t* shift) {
   if (walk_as_rows(g)) {
     return normalize_add_relu_pass<scalar_t, acc_t, kResidual>(rows_geometry(g), x, r, y,
-                                                                per_walked_channel(scale.data(), g),
-                                                                per_walked_channel(shift.data(), g));
+                                                                PerWalkedChannel<acc_t>(scale, g).data(),
+                                                                PerWalkedChannel<acc_t>(shift, g).data());
   }
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (const StreamFloats stream = output_streamer(g, y, kResidual ? 3 : 2)) {  // x, residual, y
       return elementwise(
           g,
           [&](int64_t begin, int64_t end) {
-            planes_forward_streamed<acc_t, kResidual>(x, r, y, begin, end, g.plane, g.channels, scale.data(),
-                                                      shift.data(), stream);
+            planes_forward_streamed<acc_t, kResidual>(x, r, y, begin, end, g.plane, g.channels, scale,
+                                                      shift, stream);
           },
           [&](int64_t offset, int64_t rows) {
             rows_forward_streamed<acc_t, kResidual>(x + offset, kResidual ? r + offset : nullptr, y + offset, rows,
-                                                    g.channels, scale.data(), shift.data(), stream);
+                                                    g.channels, scale, shift, stream);
           });
     }
   }
   elementwise(
       g,
       [&](int64_t begin, int64_t end) {
-        planes_forward<scalar_t, acc_t, kResidual>(x, r, y, begin, end, g.plane, g.channels, scale.data(),
-                                                   shift.data());
+        planes_forward<scalar_t, acc_t, kResidual>(x, r, y, begin, end, g.plane, g.channels, scale,
+                                                   shift);
       },
       [&](int64_t offset, int64_t rows) {
         rows_forward<scalar_t, acc_t, kResidual>(x + offset, kResidual ? r + offset : nullptr, y + offset, rows,
-                                                 g.channels, scale.data(), shift.data());
+                                                 g.channels, scale, shift);
       });
 }
 
@@ -575,9 +585,10 @@ void normalize_add_relu(const ForwardArgs& a, const acc_t* mean, const acc_t* in
   const scalar_t* x = a.input.data_ptr<scalar_t>();
   scalar_t* y = out.data_ptr<scalar_t>();
   if (a.residual.defined()) {
-    normalize_add_relu_pass<scalar_t, acc_t, true>(a.geom, x, a.residual.data_ptr<scalar_t>(), y, scale, shift);
+    normalize_add_relu_pass<scalar_t, acc_t, true>(a.geom, x, a.residual.data_ptr<scalar_t>(), y, scale.data(),
+                                                    shift.data());
   } else {
-    normalize_add_relu_pass<scalar_t, acc_t, false>(a.geom, x, nullptr, y, scale, shift);
+    normalize_add_relu_pass<scalar_t, acc_t, false>(a.geom, x, nullptr, y, scale.data(), shift.data());
   }
 }
 
@@ -588,7 +599,7 @@ void backward_passes(const Geometry& g, const scalar_t* gy, const scalar_t* y, c
                      scalar_t* dz, const acc_t* mean, const acc_t* invstd, const acc_t* weight, bool training,
                      acc_t* grad_weight, acc_t* grad_bias) {
   const Geometry w = walk_as_rows(g) ? rows_geometry(g) : g;
-  const std::vector<acc_t> walked_mean = per_walked_channel(mean, g);
+  const PerWalkedChannel<acc_t> walked_mean(mean, g);
   std::vector<double> sum_dz, sum_dz_xmu;
   channel_sums<acc_t>(
       w, walk_as_rows(g) ? g.plane : 1,
@@ -619,9 +630,9 @@ void backward_passes(const Geometry& g, const scalar_t* gy, const scalar_t* y, c
     grad_bias[c] = static_cast<acc_t>(sum_dz[c]);
   }
 
-  const std::vector<acc_t> walked_a = per_walked_channel(ka.data(), g);
-  const std::vector<acc_t> walked_b = per_walked_channel(kb.data(), g);
-  const std::vector<acc_t> walked_c = per_walked_channel(kc.data(), g);
+  const PerWalkedChannel<acc_t> walked_a(ka.data(), g);
+  const PerWalkedChannel<acc_t> walked_b(kb.data(), g);
+  const PerWalkedChannel<acc_t> walked_c(kc.data(), g);
   const scalar_t* source = kStoreDz ? dz : gy;
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (const StreamFloats stream = output_streamer(w, gx, kStoreDz ? 5 : 4)) {  // grad_out, out, x, dz, gx

@@ -12,6 +12,7 @@ backs with new pages can cost more than the arithmetic (see resnet_deploy.alloca
 """
 import json
 import platform
+import re
 import resource
 import statistics
 from dataclasses import asdict, dataclass
@@ -257,13 +258,47 @@ def run(shapes, memory_formats, with_compile=True, min_run_time=1.0, json_path=N
     return report
 
 
+# Top-level operators of the normalization sites, by profiler name: the fused op, or unfused BatchNorm,
+# residual add and ReLU (in place or not).
+_SITE_OPS = re.compile(r"^resnet_deploy::|batch_norm|^aten::(add|relu|clamp_min)_?$")
+BREAKDOWN = ("sites", "convolution", "max_pool", "other")
+
+
+def op_category(name: str) -> str:
+    """Which part of a ResNet forward a top-level profiled operator belongs to (one of BREAKDOWN)."""
+    if _SITE_OPS.search(name):
+        return "sites"
+    if "conv" in name:
+        return "convolution"
+    if "max_pool" in name:
+        return "max_pool"
+    return "other"
+
+
+def forward_breakdown_ms(model, images, forwards: int = 5) -> Dict[str, float]:
+    """Milliseconds per inference forward spent in each category of operators, and their sum as "total": the
+    CPU time (torch.profiler, calling thread) of every top-level operator, with all it calls inside it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(forwards):
+            model(images)
+    parts = dict.fromkeys(BREAKDOWN, 0.0)
+    for event in prof.events():
+        if event.cpu_parent is None:
+            parts[op_category(event.name)] += event.cpu_time_total / 1e3 / forwards
+    return {**parts, "total": sum(parts.values())}
+
+
 def end_to_end(image_size: int = 96, train_batch: int = 64, eval_batches=(1, 8, 64), min_run_time: float = 20.0,
                memory_format: str = "nchw", log=print) -> dict:
     """Fused vs unfused ResNet-18 with the same weights: an SGD training step and eval inference, medians.
 
     The fused sites are a few percent of a step (convolutions dominate), so the difference is small next to a
     shared machine's noise: min_run_time seconds per model for the training step (about 25 steps of 0.8 s in
-    ten interleaved rounds), a quarter of that per model and batch size for eval."""
+    ten interleaved rounds), a quarter of that per model and batch size for eval. Each eval row also profiles
+    a few forwards of both models to say where the time goes (forward_breakdown_ms): the normalization sites
+    (fused op, or BatchNorm, add and ReLU), convolutions, max-pooling and the rest."""
     from resnet_deploy.models import resnet18
 
     fmt = FORMATS[memory_format]
@@ -303,4 +338,9 @@ def end_to_end(image_size: int = 96, train_batch: int = 64, eval_batches=(1, 8, 
                 return model(batch_images)
         add("eval", batch, interleaved_medians_ms({name: partial(infer, model) for name, model in models.items()},
                                                   min_run_time / 4, rounds=2 * ROUNDS))
+        breakdown = {name: forward_breakdown_ms(model, batch_images) for name, model in models.items()}
+        rows[-1]["breakdown_ms"] = breakdown
+        log("    per forward (profiled), fused / unfused: " + ", ".join(
+            f"{part} {breakdown['fused'][part]:.2f} / {breakdown['unfused'][part]:.2f} ms"
+            for part in (*BREAKDOWN, "total")))
     return {"image_size": image_size, "memory_format": memory_format, "results": rows}

@@ -57,3 +57,26 @@ def test_store_comparison_restores_the_threshold():
     assert [r["mode"] for r in rows] == ["eval forward", "train forward+backward"]
     assert all(r["streaming_ms"] > 0 and r["normal_ms"] > 0 for r in rows)
     assert _library.load().streaming_min_bytes() == before
+
+
+@pytest.mark.parametrize("name,category", [
+    ("resnet_deploy::bn_add_relu_eval", "sites"), ("aten::batch_norm", "sites"), ("aten::add_", "sites"),
+    ("aten::add", "sites"), ("aten::relu_", "sites"), ("aten::relu", "sites"), ("aten::clamp_min_", "sites"),
+    ("aten::conv2d", "convolution"), ("aten::max_pool2d", "max_pool"), ("aten::addmm", "other"),
+    ("aten::linear", "other"), ("aten::adaptive_avg_pool2d", "other"), ("aten::_foreach_add_", "other")])
+def test_profiled_operators_are_sorted_into_parts_of_a_resnet_forward(name, category):
+    assert op_benchmark.op_category(name) == category
+
+
+def test_forward_breakdown_charges_each_top_level_operator_to_its_part():
+    convolution_and_pooling = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.MaxPool2d(2)).eval()
+    parts = op_benchmark.forward_breakdown_ms(convolution_and_pooling, torch.randn(2, 1, 16, 16), forwards=2)
+    assert parts["sites"] == 0 and parts["other"] == 0
+    assert parts["convolution"] > 0 and parts["max_pool"] > 0
+    assert parts["total"] == pytest.approx(parts["convolution"] + parts["max_pool"])
+
+    from resnet_deploy.models import resnet18
+
+    for fused in (True, False):
+        parts = op_benchmark.forward_breakdown_ms(resnet18(fused=fused).eval(), torch.randn(1, 1, 32, 32), 2)
+        assert parts["sites"] > 0 and parts["convolution"] > 0 and parts["max_pool"] > 0

@@ -549,8 +549,8 @@ void normalize_add_relu_pass(const Geometry& g, const scalar_t* x, const scalar_
       return elementwise(
           g,
           [&](int64_t begin, int64_t end) {
-            planes_forward_streamed<acc_t, kResidual>(x, r, y, begin, end, g.plane, g.channels, scale,
-                                                      shift, stream);
+            planes_forward_streamed<acc_t, kResidual>(x, r, y, begin, end, g.plane, g.channels, scale, shift,
+                                                      stream);
           },
           [&](int64_t offset, int64_t rows) {
             rows_forward_streamed<acc_t, kResidual>(x + offset, kResidual ? r + offset : nullptr, y + offset, rows,
@@ -561,8 +561,7 @@ void normalize_add_relu_pass(const Geometry& g, const scalar_t* x, const scalar_
   elementwise(
       g,
       [&](int64_t begin, int64_t end) {
-        planes_forward<scalar_t, acc_t, kResidual>(x, r, y, begin, end, g.plane, g.channels, scale,
-                                                   shift);
+        planes_forward<scalar_t, acc_t, kResidual>(x, r, y, begin, end, g.plane, g.channels, scale, shift);
       },
       [&](int64_t offset, int64_t rows) {
         rows_forward<scalar_t, acc_t, kResidual>(x + offset, kResidual ? r + offset : nullptr, y + offset, rows,

@@ -487,16 +487,22 @@ Geometry rows_geometry(const Geometry& g) {
 }
 
 // Per-channel values as the walk of g reads them: the values themselves, or, when g is walked as rows, each
-// repeated H*W times (written once, without zero-filling first: at batch 1 this is as much work as the data).
+// repeated H*W times (at batch 1 writing them is as much work as the data, so it is done in vector stores).
 template <typename T>
 class PerWalkedChannel {
  public:
   PerWalkedChannel(const T* values, const Geometry& g) : data_(values) {
     if (!walk_as_rows(g)) return;
-    repeated_.reset(new T[g.channels * g.plane]);
+    // Each channel's value is stored kLanes at a time: what passes its H*W values is overwritten by the next
+    // channel's, and the last channel's lands in kLanes values of slack.
+    constexpr int64_t kLanes = 16;
+    repeated_.reset(new T[g.channels * g.plane + kLanes]);
     T* out = repeated_.get();
-    for (int64_t c = 0; c < g.channels; ++c) {
-      for (int64_t k = 0; k < g.plane; ++k) *out++ = values[c];  // no division per element
+    for (int64_t c = 0; c < g.channels; ++c, out += g.plane) {
+      const T value = values[c];
+      for (int64_t k = 0; k < g.plane; k += kLanes) {
+        for (int64_t lane = 0; lane < kLanes; ++lane) out[k + lane] = value;
+      }
     }
     data_ = repeated_.get();
   }

@@ -64,6 +64,8 @@ inline at::Tensor in_layout(const at::Tensor& tensor, at::MemoryFormat format) {
 // A per-channel tensor as a contiguous stats-dtype vector, `fill` when absent.
 inline at::Tensor channel_vector(const std::optional<at::Tensor>& param, const at::Tensor& input, double fill) {
   if (param.has_value() && param->defined()) {
+    // Checked here: to() is a dispatched call even when the dtype already matches, on every vector, every call.
+    if (param->scalar_type() == stats_dtype(input)) return param->contiguous();
     return param->to(stats_dtype(input)).contiguous();
   }
   return at::full({input.size(1)}, fill, input.options().dtype(stats_dtype(input)));

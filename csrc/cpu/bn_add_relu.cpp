@@ -404,13 +404,13 @@ constexpr int64_t kRowsPerPartialSum = 256;
 // Two sums per channel, in double. add_planes(begin, end, s0[], s1[]) adds NCHW planes into per-channel double
 // arrays; add_rows(offset, rows, s0[], s1[]) adds a block of channels_last rows into per-channel acc_t arrays.
 // Both layouts are read in memory order, each thread into partial sums of its own, combined at the end.
-// `fold` > 1 when small NCHW planes are walked as rows (see walk_as_rows): each channel then owns `fold`
-// consecutive columns, added together as a block's sums move into double, so that the per-thread sums and the
-// results hold one value per channel, not one per column.
+// g is the geometry walked and `channels` the operator's channel count: when small NCHW planes are walked as
+// rows (see walk_as_rows), each channel owns g.channels / channels consecutive columns, added together as a
+// block's sums move into double, so that the per-thread sums and the results hold one value per channel.
 template <typename acc_t, typename AddPlanes, typename AddRows>
-void channel_sums(const Geometry& g, int64_t fold, const AddPlanes& add_planes, const AddRows& add_rows,
+void channel_sums(const Geometry& g, int64_t channels, const AddPlanes& add_planes, const AddRows& add_rows,
                   std::vector<double>& sum0, std::vector<double>& sum1) {
-  const int64_t channels = g.channels / fold;
+  const int64_t fold = g.channels / channels;  // columns per channel
   const int threads = at::get_num_threads();
   std::vector<double> partial(2 * threads * channels, 0.0);
   if (!g.channels_last) {
@@ -524,7 +524,7 @@ void batch_stats(const Geometry& g, const scalar_t* x, acc_t* mean, acc_t* invst
   const PerWalkedChannel<acc_t> walked_shift(shift.data(), g);
   std::vector<double> sum, sum_sq;
   channel_sums<acc_t>(
-      w, walk_as_rows(g) ? g.plane : 1,
+      w, g.channels,
       [&](int64_t begin, int64_t end, double* s, double* ss) {
         planes_shifted_sums<scalar_t, acc_t>(x, begin, end, w.plane, w.channels, walked_shift.data(), s, ss);
       },
@@ -607,7 +607,7 @@ void backward_passes(const Geometry& g, const scalar_t* gy, const scalar_t* y, c
   const PerWalkedChannel<acc_t> walked_mean(mean, g);
   std::vector<double> sum_dz, sum_dz_xmu;
   channel_sums<acc_t>(
-      w, walk_as_rows(g) ? g.plane : 1,
+      w, g.channels,
       [&](int64_t begin, int64_t end, double* s0, double* s1) {
         planes_backward_sums<scalar_t, acc_t, kStoreDz>(gy, y, x, dz, begin, end, w.plane, w.channels,
                                                         walked_mean.data(), s0, s1);

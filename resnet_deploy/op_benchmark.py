@@ -200,6 +200,37 @@ def compare_stores(shape, memory_formats, min_run_time: float, rounds: int = 2 *
     return rows
 
 
+def per_call_costs(shape=(1, 512, 3, 3), min_run_time: float = 1.0, log=print) -> List[dict]:
+    """Microseconds per call of every step at a shape too small for its data to matter (by default one sample
+    at the 3x3 sites' 512 channels: 18 KB per tensor), which leaves each step's fixed cost: Python, dispatch,
+    autograd, allocation and per-channel work.
+
+    At the small ResNet sites this fixed cost is a large part of the bound. The steps are those of the site
+    table, next to the bound's own call (one copy into a preallocated tensor) and torch.autograd.grad of a
+    single multiplication, the least any training step through autograd pays."""
+    tiny = torch.randn(shape)
+    destination = torch.empty_like(tiny)
+    leaf = torch.randn(shape, requires_grad=True)
+    grad = torch.randn(shape)
+    eval_args = _inputs(shape, torch.contiguous_format, requires_grad=False)
+    train_args = _inputs(shape, torch.contiguous_format, requires_grad=True)
+    steps = {
+        ("copy", "the bound's call"): lambda: destination.copy_(tiny),
+        ("autograd", "grad of x * 2"): lambda: torch.autograd.grad(leaf * 2, [leaf], grad),
+        ("eval forward", "fused"): _eval_step(fused, eval_args),
+        ("eval forward", "eager"): _eval_step(unfused, eval_args),
+        ("train forward+backward", "fused"): _train_step(fused, train_args),
+        ("train forward+backward", "eager"): _train_step(unfused, train_args),
+    }
+    times = interleaved_medians_ms({f"{mode}: {name}": step for (mode, name), step in steps.items()}, min_run_time)
+    rows = [{"shape": list(shape), "mode": mode, "step": name, "us": times[f"{mode}: {name}"] * 1e3}
+            for mode, name in steps]
+    log(f"per-call cost at {'x'.join(map(str, shape))} (median µs per call):")
+    for row in rows:
+        log(f"  {row['mode']:24s} {row['step']:16s} {row['us']:8.1f} µs")
+    return rows
+
+
 def environment() -> dict:
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or
             platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),

@@ -38,6 +38,9 @@ def main():
     parser.add_argument("--compare-stores", action="store_true",
                         help="also time the fused op with streaming against normal stores for its outputs "
                              "(interleaved in this process), at the first --shape")
+    parser.add_argument("--per-call", action="store_true",
+                        help="also time every step at 1x512x3x3 (18 KB per tensor), where what remains is each "
+                             "step's fixed cost per call")
     parser.add_argument("--system-malloc", action="store_true",
                         help="keep glibc's malloc defaults (freed blocks go back to the OS, new ones page-fault)")
     parser.add_argument("--json", help="write the figures to this JSON file")
@@ -56,6 +59,8 @@ def main():
         print("fused op, streaming vs normal stores:")
         report["stores"] = op_benchmark.compare_stores(shapes[0], args.layout or ["nchw", "channels_last"],
                                                        args.min_run_time)
+    if args.per_call:
+        report["per_call"] = op_benchmark.per_call_costs(min_run_time=args.min_run_time)
     if args.end_to_end:
         report["end_to_end"] = op_benchmark.end_to_end()
     if args.json:

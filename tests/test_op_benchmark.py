@@ -80,3 +80,11 @@ def test_forward_breakdown_charges_each_top_level_operator_to_its_part():
     for fused in (True, False):
         parts = op_benchmark.forward_breakdown_ms(resnet18(fused=fused).eval(), torch.randn(1, 1, 32, 32), 2)
         assert parts["sites"] > 0 and parts["convolution"] > 0 and parts["max_pool"] > 0
+
+
+def test_per_call_costs_time_every_step_at_one_shape():
+    rows = op_benchmark.per_call_costs((1, 8, 3, 3), min_run_time=0.01, log=lambda line: None)
+    assert [(r["mode"], r["step"]) for r in rows] == [
+        ("copy", "the bound's call"), ("autograd", "grad of x * 2"), ("eval forward", "fused"),
+        ("eval forward", "eager"), ("train forward+backward", "fused"), ("train forward+backward", "eager")]
+    assert all(r["shape"] == [1, 8, 3, 3] and r["us"] > 0 for r in rows)

@@ -208,14 +208,14 @@ def per_call_costs(shape=(1, 512, 3, 3), min_run_time: float = 1.0, log=print) -
     At the small ResNet sites this fixed cost is a large part of the bound. The steps are those of the site
     table, next to the bound's own call (one copy into a preallocated tensor) and torch.autograd.grad of a
     single multiplication, the least any training step through autograd pays."""
-    tiny = torch.randn(shape)
-    destination = torch.empty_like(tiny)
+    activation_bytes = torch.Size(shape).numel() * 4
+    bound_copy, _ = footprint_copy(2 * activation_bytes)
     leaf = torch.randn(shape, requires_grad=True)
     grad = torch.randn(shape)
     eval_args = _inputs(shape, torch.contiguous_format, requires_grad=False)
     train_args = _inputs(shape, torch.contiguous_format, requires_grad=True)
     steps = {
-        ("copy", "the bound's call"): lambda: destination.copy_(tiny),
+        ("copy", "the bound's call"): bound_copy,
         ("autograd", "grad of x * 2"): lambda: torch.autograd.grad(leaf * 2, [leaf], grad),
         ("eval forward", "fused"): _eval_step(fused, eval_args),
         ("eval forward", "eager"): _eval_step(unfused, eval_args),

@@ -300,6 +300,20 @@ def test_running_stats_update_writes_through_strided_buffers():
     torch.testing.assert_close(stats[:, 1], expected_var)
 
 
+@pytest.mark.parametrize("mean_dtype,invstd_dtype,strided", [
+    (torch.float32, torch.float32, False), (torch.float64, torch.float64, False),
+    (torch.bfloat16, torch.bfloat16, False), (torch.float32, torch.float64, False), (torch.float32, torch.float32, True)])
+def test_running_stats_update_reads_statistics_of_any_dtype_and_stride(mean_dtype, invstd_dtype, strided):
+    mean = torch.tensor([[1.0, 9.0], [2.0, 9.0]], dtype=mean_dtype)[:, 0]
+    invstd = torch.tensor([0.5, 0.25], dtype=invstd_dtype)
+    if not strided:
+        mean = mean.contiguous()
+    running_mean, running_var = torch.zeros(2), torch.ones(2)
+    OPS.bn_update_running_stats(running_mean, running_var, mean, invstd, 0.5, 0.0, 5)
+    torch.testing.assert_close(running_mean, torch.tensor([0.5, 1.0]))
+    torch.testing.assert_close(running_var, 0.5 + 0.5 * (1 / torch.tensor([0.5, 0.25]) ** 2) * 5 / 4)
+
+
 def test_running_stats_update_opcheck():
     args = (torch.zeros(4), torch.ones(4), torch.randn(4), torch.rand(4) + 0.5, 0.1, 1e-5, 10)
     torch.library.opcheck(OPS.bn_update_running_stats, args)

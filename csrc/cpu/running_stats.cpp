@@ -22,13 +22,14 @@ void bn_update_running_stats_cpu(at::Tensor& running_mean, at::Tensor& running_v
     using stats_t = scalar_t;
     const stats_t* m = batch_mean.data_ptr<stats_t>();
     const stats_t* s = batch_invstd.data_ptr<stats_t>();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, running_mean.scalar_type(), "bn_update_running_stats", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, running_mean.scalar_type(), "bn_update_running_stats",
+                                    [&] {
       auto rm = running_mean.accessor<scalar_t, 1>();  // accessors: the buffers may be strided views
       auto rv = running_var.accessor<scalar_t, 1>();
       for (int64_t c = 0; c < running_mean.size(0); ++c) {
+        const double batch_var = unbiased_var_from_invstd(static_cast<double>(s[c]), eps, count);
         rm[c] = static_cast<scalar_t>(moving_average(static_cast<double>(rm[c]), static_cast<double>(m[c]), momentum));
-        rv[c] = static_cast<scalar_t>(moving_average(
-            static_cast<double>(rv[c]), unbiased_var_from_invstd(static_cast<double>(s[c]), eps, count), momentum));
+        rv[c] = static_cast<scalar_t>(moving_average(static_cast<double>(rv[c]), batch_var, momentum));
       }
     });
   });

@@ -493,26 +493,27 @@ void elementwise(const Geometry& g, const ApplyPlanes& apply_planes, const Apply
 // and square root held about a tenth of a training forward's perf samples at 1x512x3x3. (setup.py builds with
 // -fno-math-errno, without which a square root is not vectorized.)
 
+// var and invstd may be the same array.
 template <typename acc_t>
-RD_CPU_CLONES void channel_inverse_stds(const acc_t* __restrict__ var, int64_t channels, double eps,
-                                        acc_t* __restrict__ invstd) {
+RD_CPU_CLONES void channel_inverse_stds(const acc_t* var, int64_t channels, double eps, acc_t* invstd) {
 #pragma omp simd
   for (int64_t c = 0; c < channels; ++c) invstd[c] = inverse_std<acc_t>(var[c], eps);
 }
 
-// Mean and inverse std from the shifted sums. var is scratch space: apart, the inverse stds vectorize (for
-// float, GCC leaves the double-to-float loop before them scalar, and with them in it, both).
+// Mean and inverse std from the shifted sums. invstd holds the variances until a second loop turns them into
+// inverse stds in place: apart, that loop vectorizes (for float, GCC leaves the double-to-float loop before it
+// scalar, and with it in it, both).
 template <typename acc_t>
 RD_CPU_CLONES void channel_stats(const double* __restrict__ sum, const double* __restrict__ sum_sq,
                                  const acc_t* __restrict__ shift, int64_t channels, double count, double eps,
-                                 acc_t* __restrict__ mean, acc_t* __restrict__ var, acc_t* __restrict__ invstd) {
+                                 acc_t* __restrict__ mean, acc_t* __restrict__ invstd) {
 #pragma omp simd
   for (int64_t c = 0; c < channels; ++c) {
     const MeanVar<acc_t> mv = mean_var_from_shifted_sums<acc_t>(sum[c], sum_sq[c], count, shift[c]);
     mean[c] = mv.mean;
-    var[c] = mv.var;
+    invstd[c] = mv.var;
   }
-  channel_inverse_stds(var, channels, eps, invstd);
+  channel_inverse_stds(invstd, channels, eps, invstd);
 }
 
 template <typename acc_t>
@@ -618,9 +619,8 @@ void batch_stats(const Geometry& g, const scalar_t* x, acc_t* mean, acc_t* invst
         });
       },
       sum, sum_sq);
-  std::vector<acc_t> var(g.channels);
   channel_stats<acc_t>(sum.data(), sum_sq.data(), shift.data(), g.channels, double(g.per_channel()), eps, mean,
-                       var.data(), invstd);
+                       invstd);
 }
 
 template <typename scalar_t, typename acc_t, bool kResidual>

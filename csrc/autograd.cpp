@@ -64,8 +64,10 @@ void save_for_backward(AutogradContext* ctx, const at::Tensor& out, const at::Te
       {input.requires_grad(), requires_grad(residual), requires_grad(weight), requires_grad(bias)});
 }
 
-// Gradients for (input, residual, weight, bias) from the shared backward operator; undefined where not wanted.
+// Gradients for (input, residual, weight, bias) from the shared backward operator; undefined where not wanted,
+// and all undefined when no gradient reached `out` (the functions do not materialize zero gradients).
 variable_list input_and_param_grads(AutogradContext* ctx, const at::Tensor& grad_out) {
+  if (!grad_out.defined()) return variable_list(4);
   static const auto backward = find_op<BackwardSig>("resnet_deploy::bn_add_relu_backward");
   const variable_list saved = ctx->get_saved_variables();
   const at::Tensor& weight = saved[4];
@@ -83,6 +85,9 @@ struct TrainFunction : public torch::autograd::Function<TrainFunction> {
                                const OptionalTensor& weight, const OptionalTensor& bias, double eps) {
     auto [out, mean, invstd] = train_below_autograd(input, residual, weight, bias, eps);
     ctx->mark_non_differentiable({mean, invstd});
+    // mean and invstd never get a gradient: without this the engine allocates and zero-fills one for each on
+    // every backward, only for it to be ignored.
+    ctx->set_materialize_grads(false);
     save_for_backward(ctx, out, input, mean, invstd, residual, weight, bias, /*training=*/true);
     return {out, mean, invstd};
   }
@@ -102,6 +107,7 @@ struct EvalFunction : public torch::autograd::Function<EvalFunction> {
     // The backward operator takes the statistics in any floating dtype.
     const at::Tensor invstd = at::rsqrt(running_var + eps);
     save_for_backward(ctx, out, input, running_mean, invstd, residual, weight, bias, /*training=*/false);
+    ctx->set_materialize_grads(false);
     return {out};
   }
 

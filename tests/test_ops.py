@@ -149,6 +149,33 @@ def test_no_autograd_record_without_gradients():
         assert fused(s, training=False).grad_fn is None
 
 
+
+class _BlockGradient(torch.autograd.Function):
+    """Identity forward; sends no gradient back (None), as a user's custom function may."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_backward_reached_with_no_gradient_for_the_output(training):
+    # The fused node still runs (x's gradient also flows around it), with nothing for its output: x gets only
+    # the gradient of the path around it, as with the unfused expression.
+    grads = []
+    for op in (fused, reference):
+        s = sample_inputs((3, 6, 5, 4), "cpu", torch.float64, torch.contiguous_format, True)
+        loss = _BlockGradient.apply(op(s, training)).sum() + (s["input"] * 3).sum()
+        loss.backward()
+        assert s["residual"].grad is None and s["weight"].grad is None
+        grads.append(s["input"].grad)
+    torch.testing.assert_close(grads[0], grads[1])
+    torch.testing.assert_close(grads[0], torch.full_like(grads[0], 3.0))
+
 @pytest.fixture
 def streaming_stores():
     """Every float32 CPU output written with streaming stores, as large activations are."""

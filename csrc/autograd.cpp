@@ -1,5 +1,5 @@
-// Autograd for the two forward operators, in C++ so that a training call costs no Python. Both forwards
-// share bn_add_relu_backward, which reads the ReLU mask from the saved output. The forwards are functional:
+// Autograd for the two forward operators, in C++ so that a training call costs no Python. Both forwards share
+// bn_add_relu_backward (see save_for_backward for where its ReLU mask comes from). The forwards are functional:
 // running statistics are updated by the caller with bn_update_running_stats.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -20,8 +20,8 @@ using TrainSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor
 using EvalSig = at::Tensor(const at::Tensor&, const OptionalTensor&, const at::Tensor&, const at::Tensor&,
                            const OptionalTensor&, const OptionalTensor&, double);
 using BackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const OptionalTensor&, bool, bool);
+    const at::Tensor&, const OptionalTensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const OptionalTensor&, const OptionalTensor&, bool, bool);
 
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> find_op(const char* name) {
@@ -53,29 +53,38 @@ bool requires_grad(const OptionalTensor& tensor) { return present(tensor) && ten
 
 at::Tensor value_or_undefined(const OptionalTensor& tensor) { return present(tensor) ? *tensor : at::Tensor(); }
 
-// Saves what bn_add_relu_backward needs (out, input, mean, invstd, weight) and which gradients are wanted.
+// Saves what bn_add_relu_backward needs and which gradients are wanted. The ReLU mask comes from `out` after a
+// forward with residual (or in eval, whose invstd is recomputed here), else from the input, which the backward
+// reads anyway: then `out` is not saved, the bias is.
 // (AutogradContext::needs_input_grad counts only the tensors given, not the argument positions.)
 void save_for_backward(AutogradContext* ctx, const at::Tensor& out, const at::Tensor& input, const at::Tensor& mean,
                        const at::Tensor& invstd, const OptionalTensor& residual, const OptionalTensor& weight,
                        const OptionalTensor& bias, bool training) {
-  ctx->save_for_backward({out, input, mean, invstd, value_or_undefined(weight)});
+  const bool mask_from_input = training && !present(residual);
+  ctx->save_for_backward({mask_from_input ? at::Tensor() : out, input, mean, invstd, value_or_undefined(weight),
+                          mask_from_input ? value_or_undefined(bias) : at::Tensor()});
   ctx->saved_data["training"] = training;
   ctx->saved_data["wanted"] = c10::List<bool>(
       {input.requires_grad(), requires_grad(residual), requires_grad(weight), requires_grad(bias)});
+  // Gradients that never come (mean and invstd have none, `out` may get none) stay undefined, instead of being
+  // allocated and zero-filled on every backward.
+  ctx->set_materialize_grads(false);
+}
+
+OptionalTensor optional_of(const at::Tensor& tensor) {
+  return tensor.defined() ? OptionalTensor(tensor) : std::nullopt;
 }
 
 // Gradients for (input, residual, weight, bias) from the shared backward operator; undefined where not wanted,
-// and all undefined when no gradient reached `out` (the functions do not materialize zero gradients).
+// and all undefined when no gradient reached `out`.
 variable_list input_and_param_grads(AutogradContext* ctx, const at::Tensor& grad_out) {
   if (!grad_out.defined()) return variable_list(4);
   static const auto backward = find_op<BackwardSig>("resnet_deploy::bn_add_relu_backward");
   const variable_list saved = ctx->get_saved_variables();
-  const at::Tensor& weight = saved[4];
   const c10::List<bool> wanted = ctx->saved_data["wanted"].toBoolList();
   auto [grad_input, grad_residual, grad_weight, grad_bias] =
-      backward.call(grad_out, saved[0], saved[1], saved[2], saved[3],
-                    weight.defined() ? OptionalTensor(weight) : std::nullopt, ctx->saved_data["training"].toBool(),
-                    /*residual_grad=*/wanted[1]);
+      backward.call(grad_out, optional_of(saved[0]), saved[1], saved[2], saved[3], optional_of(saved[4]),
+                    optional_of(saved[5]), ctx->saved_data["training"].toBool(), /*residual_grad=*/wanted[1]);
   return {wanted[0] ? grad_input : at::Tensor(), wanted[1] ? grad_residual : at::Tensor(),
           wanted[2] ? grad_weight : at::Tensor(), wanted[3] ? grad_bias : at::Tensor()};
 }
@@ -85,9 +94,6 @@ struct TrainFunction : public torch::autograd::Function<TrainFunction> {
                                const OptionalTensor& weight, const OptionalTensor& bias, double eps) {
     auto [out, mean, invstd] = train_below_autograd(input, residual, weight, bias, eps);
     ctx->mark_non_differentiable({mean, invstd});
-    // mean and invstd never get a gradient: without this the engine allocates and zero-fills one for each on
-    // every backward, only for it to be ignored.
-    ctx->set_materialize_grads(false);
     save_for_backward(ctx, out, input, mean, invstd, residual, weight, bias, /*training=*/true);
     return {out, mean, invstd};
   }
@@ -107,7 +113,6 @@ struct EvalFunction : public torch::autograd::Function<EvalFunction> {
     // The backward operator takes the statistics in any floating dtype.
     const at::Tensor invstd = at::rsqrt(running_var + eps);
     save_for_backward(ctx, out, input, running_mean, invstd, residual, weight, bias, /*training=*/false);
-    ctx->set_materialize_grads(false);
     return {out};
   }
 

@@ -77,6 +77,15 @@ RD_HOST_DEVICE acc_t relu_backward(acc_t grad_out, acc_t out) {
   return out > acc_t(0) ? grad_out : acc_t(0);
 }
 
+// The same, for a forward without residual, from its input instead of its output, which spares the backward
+// reading `out` (it reads the input anyway). out = relu(x * scale + shift + 0) > 0 exactly where
+// x * scale + shift > 0 (NaN and -0 included), before rounding to the tensor's dtype (no rounding in float32 and
+// float64). One comparison, not relu's and then this one's: scalar code compiles each into a branch.
+template <typename acc_t>
+RD_HOST_DEVICE acc_t relu_backward_from_input(acc_t grad_out, acc_t x, acc_t scale, acc_t shift) {
+  return x * scale + shift > acc_t(0) ? grad_out : acc_t(0);
+}
+
 // The input gradient is a per-channel affine function of (dz, x): dx = a * dz + b * x + c.
 //   training: dx = w * invstd * (dz - mean(dz) - xhat * mean(dz * xhat)),  xhat = (x - mean) * invstd
 //   eval:     dx = w * invstd * dz   (the running statistics are constants)

@@ -104,28 +104,41 @@ inline ForwardArgs prepare_forward(const char* op, const at::Tensor& input, cons
 // Backward arguments: everything of the input's shape in the input's kernel layout.
 struct BackwardArgs {
   at::Tensor grad_out;
-  at::Tensor out;
+  at::Tensor out;     // undefined when the ReLU mask comes from the input (a forward without residual)
   at::Tensor input;
   at::Tensor mean;    // stats dtype, contiguous [C]
   at::Tensor invstd;  // stats dtype, contiguous [C]
   at::Tensor weight;  // stats dtype, contiguous [C]
+  at::Tensor bias;    // stats dtype, contiguous [C]; only without out (the mask needs the forward's shift)
   at::MemoryFormat format;
   Geometry geom;
 };
 
-inline BackwardArgs prepare_backward(const char* op, const at::Tensor& grad_out, const at::Tensor& out,
+inline BackwardArgs prepare_backward(const char* op, const at::Tensor& grad_out, const std::optional<at::Tensor>& out,
                                      const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
-                                     const std::optional<at::Tensor>& weight) {
+                                     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                                     bool residual_grad) {
   check_input(op, input);
   check_like_input(op, input, grad_out, "grad_out");
-  check_like_input(op, input, out, "out");
+  const bool has_out = out.has_value() && out->defined();
+  if (has_out) check_like_input(op, input, *out, "out");
+  TORCH_CHECK_VALUE(has_out || !residual_grad, op, ": residual_grad needs out, the output of a forward with a ",
+                    "residual (without out, the ReLU mask is recomputed from the input, which is only right when ",
+                    "there was no residual)");
   check_channel_param(op, input, mean, "mean");
   check_channel_param(op, input, invstd, "invstd");
   if (weight.has_value() && weight->defined()) check_channel_param(op, input, *weight, "weight");
+  if (bias.has_value() && bias->defined()) check_channel_param(op, input, *bias, "bias");
   const auto format = kernel_memory_format(input);
-  return {in_layout(grad_out, format), in_layout(out, format), in_layout(input, format),
-          channel_vector(mean, input, 0.0), channel_vector(invstd, input, 1.0), channel_vector(weight, input, 1.0),
-          format, geometry(input, format)};
+  return {in_layout(grad_out, format),
+          has_out ? in_layout(*out, format) : at::Tensor(),
+          in_layout(input, format),
+          channel_vector(mean, input, 0.0),
+          channel_vector(invstd, input, 1.0),
+          channel_vector(weight, input, 1.0),
+          has_out ? at::Tensor() : channel_vector(bias, input, 0.0),
+          format,
+          geometry(input, format)};
 }
 
 // Arguments of bn_update_running_stats: four per-channel vectors on one device, enough values per channel.

@@ -9,9 +9,11 @@ TORCH_LIBRARY(resnet_deploy, m) {
   // Eval forward with running statistics.
   m.def("bn_add_relu_eval(Tensor input, Tensor? residual, Tensor running_mean, Tensor running_var,"
         " Tensor? weight, Tensor? bias, float eps) -> Tensor");
-  // Backward of either forward: the ReLU mask comes from `out`. grad_residual is empty when not requested.
-  m.def("bn_add_relu_backward(Tensor grad_out, Tensor out, Tensor input, Tensor mean, Tensor invstd,"
-        " Tensor? weight, bool training, bool residual_grad)"
+  // Backward of either forward. The ReLU mask comes from `out`, or, when out is None (allowed only after a forward
+  // without residual), from the input through weight, bias, mean and invstd, as the forward computed it: one
+  // tensor read fewer. grad_residual is empty when not requested.
+  m.def("bn_add_relu_backward(Tensor grad_out, Tensor? out, Tensor input, Tensor mean, Tensor invstd,"
+        " Tensor? weight, Tensor? bias, bool training, bool residual_grad)"
         " -> (Tensor grad_input, Tensor grad_residual, Tensor grad_weight, Tensor grad_bias)");
   // The running statistics' update after a training forward, in place, from its batch mean and inverse std
   // over `count` values per channel: running = (1 - momentum) * running + momentum * batch, with the

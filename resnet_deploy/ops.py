@@ -1,10 +1,10 @@
 """The fused operator y = relu(batch_norm(x) + residual), over torch.ops.resnet_deploy.*.
 
-The C++ library (csrc/ops.cpp) defines three operators:
+The C++ library (csrc/ops.cpp) defines four operators:
   bn_add_relu_train(input, residual?, weight?, bias?, eps) -> (out, mean, invstd)    batch statistics
   bn_add_relu_eval(input, residual?, running_mean, running_var, weight?, bias?, eps) -> out
-  bn_add_relu_backward(grad_out, out, input, mean, invstd, weight?, training, residual_grad)
-      -> (grad_input, grad_residual, grad_weight, grad_bias)
+  bn_add_relu_backward(grad_out, out?, input, mean, invstd, weight?, bias?, training, residual_grad)
+      -> (grad_input, grad_residual, grad_weight, grad_bias)     ReLU mask from out, or from input if out is None
   bn_update_running_stats(running_mean!, running_var!, mean, invstd, momentum, eps, count) -> ()
 Autograd for the forwards is registered in C++ (csrc/autograd.cpp); they are functional: running statistics
 are updated here, outside autograd, by the last one.
@@ -80,7 +80,7 @@ def _update_running_stats_fake(running_mean, running_var, mean, invstd, momentum
 
 
 @torch.library.register_fake("resnet_deploy::bn_add_relu_backward")
-def _backward_fake(grad_out, out, input, mean, invstd, weight, training, residual_grad):
+def _backward_fake(grad_out, out, input, mean, invstd, weight, bias, training, residual_grad):
     channels = input.size(1)
     param_dtype = weight.dtype if weight is not None else _stats_dtype(input)
     grad_residual = torch.empty_like(input) if residual_grad else input.new_empty((0,))

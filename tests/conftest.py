@@ -57,3 +57,14 @@ def no_real_dataset_or_network(monkeypatch, tmp_path):
 @pytest.fixture
 def dataset_dir(tmp_path) -> Path:
     return make_dataset(tmp_path / "fashion-mnist")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def own_compile_cache(tmp_path_factory):
+    """torch.compile keeps compiled graphs across processes (/tmp/torchinductor_$USER) under keys that leave out
+    custom operators' schemas (pytorch/pytorch#144344): a backward compiled against another build of the operators
+    would be replayed with that build's arguments. Each test session compiles into a directory of its own."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("torchinductor")))
+    yield
+    patch.undo()

@@ -280,7 +280,37 @@ def test_opcheck(training, memory_format):
     grad = torch.randn_like(out)
     for residual_grad in (True, False):
         torch.library.opcheck(OPS.bn_add_relu_backward, (grad, out, detached["input"], mean, invstd,
-                                                         detached["weight"], training, residual_grad))
+                                                         detached["weight"], None, training, residual_grad))
+    # Without a residual, the ReLU mask may come from the input instead of out.
+    out, mean, invstd = OPS.bn_add_relu_train(detached["input"], None, detached["weight"], detached["bias"], 1e-5)
+    torch.library.opcheck(OPS.bn_add_relu_backward, (grad, None, detached["input"], mean, invstd, detached["weight"],
+                                                     detached["bias"], training, False))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(4, 64, 24, 24), (8, 64, 6, 6), (8, 512, 3, 3), (3, 17, 1, 1)])
+@pytest.mark.parametrize("memory_format", FORMATS)
+def test_backward_with_mask_from_input_matches_mask_from_output(dtype, shape, memory_format):
+    # After a forward without residual the backward may take the ReLU mask from the input (out=None): every walk
+    # (NCHW planes, small planes as rows, channels_last rows, streamed or not) must give what reading out gives.
+    # Half the outputs are zero, so a mask off by one channel's scale or shift would show.
+    s = sample_inputs(shape, "cpu", dtype, memory_format, False, requires_grad=False)
+    out, mean, invstd = OPS.bn_add_relu_train(s["input"], None, s["weight"], s["bias"], 1e-5)
+    assert 0.3 < (out == 0).float().mean().item() < 0.7
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    grad = grad.contiguous(memory_format=memory_format)
+    from_out = OPS.bn_add_relu_backward(grad, out, s["input"], mean, invstd, s["weight"], None, True, False)
+    from_input = OPS.bn_add_relu_backward(grad, None, s["input"], mean, invstd, s["weight"], s["bias"], True, False)
+    for got, want in zip(from_input, from_out):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_backward_without_out_refuses_a_residual_gradient():
+    s = _good()
+    out, mean, invstd = OPS.bn_add_relu_train(s["input"], None, s["weight"], s["bias"], 1e-5)
+    with pytest.raises(ValueError, match=r"residual_grad needs out, the output of a forward with a residual"):
+        OPS.bn_add_relu_backward(torch.ones_like(out), None, s["input"], mean, invstd, s["weight"], s["bias"], True,
+                                 True)
 
 
 def test_torch_compile_fullgraph():

@@ -128,41 +128,70 @@ RD_CPU_CLONES void rows_forward(const scalar_t* x, const scalar_t* residual, sca
   block_rows_forward<scalar_t, acc_t, kResidual>(x, residual, y, rows, channels, scale, shift);
 }
 
-// *sum_dz += sum(dz), *sum_dz_xmu += sum(dz * (x - mean)), with dz the gradient behind the ReLU; with
-// kStoreDz, dz is also written out (it is the residual's gradient, and the next pass reads it back).
-template <typename scalar_t, typename acc_t, bool kStoreDz>
+// How the backward passes find dz, the gradient behind the ReLU:
+//   kOutputMask: from grad_out and the saved output (out > 0);
+//   kStoredDz:   the same in the reduction, which also writes dz out (it is the residual's gradient), and the
+//                elementwise pass reads dz back instead of grad_out and out;
+//   kInputMask:  after a forward without residual, from grad_out and the input, which both passes read anyway,
+//                through the forward's scale and shift (relu_backward_from_input): out is not read at all.
+enum class Dz { kOutputMask, kStoredDz, kInputMask };
+
+// dz of element i with input value x; out is read only with an output mask, scale and shift used only with the
+// input's (the caller passes 0 for them, or null for out, when they are not).
+template <Dz kDz, typename scalar_t, typename acc_t>
+RD_ALWAYS_INLINE acc_t grad_behind_relu(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ out,
+                                        int64_t i, acc_t x, acc_t scale, acc_t shift) {
+  if constexpr (kDz == Dz::kInputMask) {
+    return relu_backward_from_input(static_cast<acc_t>(grad_out[i]), x, scale, shift);
+  } else {
+    return relu_backward(static_cast<acc_t>(grad_out[i]), static_cast<acc_t>(out[i]));
+  }
+}
+
+// A per-channel value that only the input mask reads: arrays of it are null otherwise.
+template <Dz kDz, typename acc_t>
+RD_ALWAYS_INLINE acc_t input_mask_value(const acc_t* values, int64_t c) {
+  return kDz == Dz::kInputMask ? values[c] : acc_t(0);
+}
+
+// *sum_dz += sum(dz), *sum_dz_xmu += sum(dz * (x - mean)); with kStoredDz, dz is also written to dz_out.
+template <typename scalar_t, typename acc_t, Dz kDz>
 RD_ALWAYS_INLINE RD_REORDERED_SUMS void span_backward_sums(const scalar_t* __restrict__ grad_out,
                                                            const scalar_t* __restrict__ out,
                                                            const scalar_t* __restrict__ x,
                                                            scalar_t* __restrict__ dz_out, int64_t n, acc_t mean,
-                                                           acc_t* sum_dz, acc_t* sum_dz_xmu) {
+                                                           acc_t scale, acc_t shift, acc_t* sum_dz,
+                                                           acc_t* sum_dz_xmu) {
   acc_t s0 = 0, s1 = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const acc_t dz = relu_backward(static_cast<acc_t>(grad_out[i]), static_cast<acc_t>(out[i]));
-    if (kStoreDz) dz_out[i] = static_cast<scalar_t>(dz);
+    const acc_t xi = static_cast<acc_t>(x[i]);
+    const acc_t dz = grad_behind_relu<kDz>(grad_out, out, i, xi, scale, shift);
+    if constexpr (kDz == Dz::kStoredDz) dz_out[i] = static_cast<scalar_t>(dz);
     s0 += dz;
-    s1 += dz * (static_cast<acc_t>(x[i]) - mean);
+    s1 += dz * (xi - mean);
   }
   *sum_dz += s0;
   *sum_dz_xmu += s1;
 }
 
-// Element i's terms of the backward sums: returns dz (also written to dz_out[i] when kStoreDz) and sets
+// Element i's terms of the backward sums: returns dz (also written to dz_out[i] with kStoredDz) and sets
 // *dz_xmu = dz * (x - mean).
-template <typename scalar_t, typename acc_t, bool kStoreDz>
+template <typename scalar_t, typename acc_t, Dz kDz>
 RD_ALWAYS_INLINE acc_t backward_terms(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ out,
                                       const scalar_t* __restrict__ x, scalar_t* __restrict__ dz_out, int64_t i,
-                                      acc_t mean, acc_t* dz_xmu) {
-  const acc_t dz = relu_backward(static_cast<acc_t>(grad_out[i]), static_cast<acc_t>(out[i]));
-  if (kStoreDz) dz_out[i] = static_cast<scalar_t>(dz);
-  *dz_xmu = dz * (static_cast<acc_t>(x[i]) - mean);
+                                      acc_t mean, acc_t scale, acc_t shift, acc_t* dz_xmu) {
+  const acc_t xi = static_cast<acc_t>(x[i]);
+  const acc_t dz = grad_behind_relu<kDz>(grad_out, out, i, xi, scale, shift);
+  if constexpr (kDz == Dz::kStoredDz) dz_out[i] = static_cast<scalar_t>(dz);
+  *dz_xmu = dz * (xi - mean);
   return dz;
 }
 
-template <typename scalar_t, typename acc_t, bool kStoreDz, int64_t kChannels>
+template <typename scalar_t, typename acc_t, Dz kDz, int64_t kChannels>
 RD_CPU_CLONES void rows_backward_sums(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ out,
                                       const scalar_t* __restrict__ x, scalar_t* __restrict__ dz_out, int64_t rows,
                                       int64_t runtime_channels, const acc_t* __restrict__ mean,
+                                      const acc_t* __restrict__ scale, const acc_t* __restrict__ shift,
                                       acc_t* __restrict__ sum_dz, acc_t* __restrict__ sum_dz_xmu) {
   const int64_t channels = kChannels > 0 ? kChannels : runtime_channels;
   int64_t row = 0;
@@ -171,13 +200,15 @@ RD_CPU_CLONES void rows_backward_sums(const scalar_t* __restrict__ grad_out, con
 #pragma omp simd
     for (int64_t c = 0; c < channels; ++c) {
       const int64_t i = base + c;
+      const acc_t sc = input_mask_value<kDz>(scale, c), sh = input_mask_value<kDz>(shift, c);
       acc_t t0, t1, t2, t3;
-      const acc_t dz0 = backward_terms<scalar_t, acc_t, kStoreDz>(grad_out, out, x, dz_out, i, mean[c], &t0);
-      const acc_t dz1 = backward_terms<scalar_t, acc_t, kStoreDz>(grad_out, out, x, dz_out, i + channels, mean[c], &t1);
+      const acc_t dz0 = backward_terms<scalar_t, acc_t, kDz>(grad_out, out, x, dz_out, i, mean[c], sc, sh, &t0);
+      const acc_t dz1 =
+          backward_terms<scalar_t, acc_t, kDz>(grad_out, out, x, dz_out, i + channels, mean[c], sc, sh, &t1);
       const acc_t dz2 =
-          backward_terms<scalar_t, acc_t, kStoreDz>(grad_out, out, x, dz_out, i + 2 * channels, mean[c], &t2);
+          backward_terms<scalar_t, acc_t, kDz>(grad_out, out, x, dz_out, i + 2 * channels, mean[c], sc, sh, &t2);
       const acc_t dz3 =
-          backward_terms<scalar_t, acc_t, kStoreDz>(grad_out, out, x, dz_out, i + 3 * channels, mean[c], &t3);
+          backward_terms<scalar_t, acc_t, kDz>(grad_out, out, x, dz_out, i + 3 * channels, mean[c], sc, sh, &t3);
       sum_dz[c] += (dz0 + dz1) + (dz2 + dz3);
       sum_dz_xmu[c] += (t0 + t1) + (t2 + t3);
     }
@@ -187,52 +218,56 @@ RD_CPU_CLONES void rows_backward_sums(const scalar_t* __restrict__ grad_out, con
 #pragma omp simd
     for (int64_t c = 0; c < channels; ++c) {
       acc_t t;
-      sum_dz[c] += backward_terms<scalar_t, acc_t, kStoreDz>(grad_out, out, x, dz_out, base + c, mean[c], &t);
+      sum_dz[c] += backward_terms<scalar_t, acc_t, kDz>(grad_out, out, x, dz_out, base + c, mean[c],
+                                                        input_mask_value<kDz>(scale, c),
+                                                        input_mask_value<kDz>(shift, c), &t);
       sum_dz_xmu[c] += t;
     }
   }
 }
 
-// dx = a * dz + b * x + c (see input_grad_coeffs); dz is read back when kStoredDz, else recomputed from
-// grad_out and out.
-template <typename scalar_t, typename acc_t, bool kStoredDz>
+// dx = a * dz + b * x + c (see input_grad_coeffs); with kStoredDz, grad_out_or_dz holds dz.
+template <typename scalar_t, typename acc_t, Dz kDz>
 RD_ALWAYS_INLINE void span_backward_apply(const scalar_t* __restrict__ grad_out_or_dz, const scalar_t* __restrict__ out,
-                                       const scalar_t* __restrict__ x, scalar_t* __restrict__ grad_input, int64_t n,
-                                       acc_t a, acc_t b, acc_t c) {
+                                          const scalar_t* __restrict__ x, scalar_t* __restrict__ grad_input, int64_t n,
+                                          acc_t scale, acc_t shift, acc_t a, acc_t b, acc_t c) {
   const InputGradCoeffs<acc_t> k{a, b, c};
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    const acc_t dz = kStoredDz ? static_cast<acc_t>(grad_out_or_dz[i])
-                               : relu_backward(static_cast<acc_t>(grad_out_or_dz[i]), static_cast<acc_t>(out[i]));
-    grad_input[i] = static_cast<scalar_t>(bn_input_grad(dz, static_cast<acc_t>(x[i]), k));
+    const acc_t xi = static_cast<acc_t>(x[i]);
+    const acc_t dz = kDz == Dz::kStoredDz ? static_cast<acc_t>(grad_out_or_dz[i])
+                                          : grad_behind_relu<kDz>(grad_out_or_dz, out, i, xi, scale, shift);
+    grad_input[i] = static_cast<scalar_t>(bn_input_grad(dz, xi, k));
   }
 }
 
-template <typename scalar_t, typename acc_t, bool kStoredDz>
+template <typename scalar_t, typename acc_t, Dz kDz>
 RD_ALWAYS_INLINE void block_rows_backward_apply(const scalar_t* __restrict__ grad_out_or_dz,
                                                 const scalar_t* __restrict__ out, const scalar_t* __restrict__ x,
                                                 scalar_t* __restrict__ grad_input, int64_t rows, int64_t channels,
+                                                const acc_t* __restrict__ scale, const acc_t* __restrict__ shift,
                                                 const acc_t* __restrict__ ka, const acc_t* __restrict__ kb,
                                                 const acc_t* __restrict__ kc) {
   for (int64_t row = 0; row < rows; ++row) {
     const int64_t base = row * channels;
 #pragma omp simd
     for (int64_t c = 0; c < channels; ++c) {
-      const acc_t dz = kStoredDz ? static_cast<acc_t>(grad_out_or_dz[base + c])
-                                 : relu_backward(static_cast<acc_t>(grad_out_or_dz[base + c]),
-                                                 static_cast<acc_t>(out[base + c]));
-      grad_input[base + c] =
-          static_cast<scalar_t>(bn_input_grad(dz, static_cast<acc_t>(x[base + c]), {ka[c], kb[c], kc[c]}));
+      const acc_t xi = static_cast<acc_t>(x[base + c]);
+      const acc_t dz = kDz == Dz::kStoredDz
+                           ? static_cast<acc_t>(grad_out_or_dz[base + c])
+                           : grad_behind_relu<kDz>(grad_out_or_dz, out, base + c, xi,
+                                                   input_mask_value<kDz>(scale, c), input_mask_value<kDz>(shift, c));
+      grad_input[base + c] = static_cast<scalar_t>(bn_input_grad(dz, xi, {ka[c], kb[c], kc[c]}));
     }
   }
 }
 
-template <typename scalar_t, typename acc_t, bool kStoredDz>
+template <typename scalar_t, typename acc_t, Dz kDz>
 RD_CPU_CLONES void rows_backward_apply(const scalar_t* grad_out_or_dz, const scalar_t* out, const scalar_t* x,
-                                       scalar_t* grad_input, int64_t rows, int64_t channels, const acc_t* ka,
-                                       const acc_t* kb, const acc_t* kc) {
-  block_rows_backward_apply<scalar_t, acc_t, kStoredDz>(grad_out_or_dz, out, x, grad_input, rows, channels, ka, kb,
-                                                        kc);
+                                       scalar_t* grad_input, int64_t rows, int64_t channels, const acc_t* scale,
+                                       const acc_t* shift, const acc_t* ka, const acc_t* kb, const acc_t* kc) {
+  block_rows_backward_apply<scalar_t, acc_t, kDz>(grad_out_or_dz, out, x, grad_input, rows, channels, scale, shift,
+                                                  ka, kb, kc);
 }
 
 // ---- NCHW: planes [begin, end) of N*C, plane p holding channel p % C ----
@@ -260,31 +295,41 @@ RD_CPU_CLONES void planes_forward(const scalar_t* x, const scalar_t* residual, s
   }
 }
 
-template <typename scalar_t, typename acc_t, bool kStoreDz>
+// p + offset, or null for a tensor the pass does not read or write.
+template <typename T>
+T* at_offset(T* p, int64_t offset) {
+  return p == nullptr ? nullptr : p + offset;
+}
+
+template <typename scalar_t, typename acc_t, Dz kDz>
 RD_CPU_CLONES RD_REORDERED_SUMS void planes_backward_sums(const scalar_t* grad_out, const scalar_t* out,
                                                           const scalar_t* x, scalar_t* dz_out, int64_t begin,
                                                           int64_t end, int64_t plane, int64_t channels,
-                                                          const acc_t* mean, double* sum_dz, double* sum_dz_xmu) {
+                                                          const acc_t* mean, const acc_t* scale, const acc_t* shift,
+                                                          double* sum_dz, double* sum_dz_xmu) {
   for (int64_t p = begin; p < end; ++p) {
     const int64_t c = p % channels;
     const int64_t o = p * plane;
     acc_t s0 = 0, s1 = 0;
-    span_backward_sums<scalar_t, acc_t, kStoreDz>(grad_out + o, out + o, x + o, kStoreDz ? dz_out + o : nullptr,
-                                                  plane, mean[c], &s0, &s1);
+    span_backward_sums<scalar_t, acc_t, kDz>(grad_out + o, at_offset(out, o), x + o, at_offset(dz_out, o), plane,
+                                             mean[c], input_mask_value<kDz>(scale, c),
+                                             input_mask_value<kDz>(shift, c), &s0, &s1);
     sum_dz[c] += s0;
     sum_dz_xmu[c] += s1;
   }
 }
 
-template <typename scalar_t, typename acc_t, bool kStoredDz>
+template <typename scalar_t, typename acc_t, Dz kDz>
 RD_CPU_CLONES void planes_backward_apply(const scalar_t* grad_out_or_dz, const scalar_t* out, const scalar_t* x,
                                          scalar_t* grad_input, int64_t begin, int64_t end, int64_t plane,
-                                         int64_t channels, const acc_t* ka, const acc_t* kb, const acc_t* kc) {
+                                         int64_t channels, const acc_t* scale, const acc_t* shift, const acc_t* ka,
+                                         const acc_t* kb, const acc_t* kc) {
   for (int64_t p = begin; p < end; ++p) {
     const int64_t c = p % channels;
     const int64_t o = p * plane;
-    span_backward_apply<scalar_t, acc_t, kStoredDz>(grad_out_or_dz + o, out + o, x + o, grad_input + o, plane,
-                                                    ka[c], kb[c], kc[c]);
+    span_backward_apply<scalar_t, acc_t, kDz>(grad_out_or_dz + o, at_offset(out, o), x + o, grad_input + o, plane,
+                                              input_mask_value<kDz>(scale, c), input_mask_value<kDz>(shift, c),
+                                              ka[c], kb[c], kc[c]);
   }
 }
 
@@ -352,43 +397,46 @@ RD_CPU_CLONES void rows_forward_streamed(const float* x, const float* residual, 
   streaming_fence();
 }
 
-template <typename acc_t, bool kStoredDz>
+template <typename acc_t, Dz kDz>
 RD_CPU_CLONES void planes_backward_apply_streamed(const float* grad_out_or_dz, const float* out, const float* x,
                                                   float* grad_input, int64_t begin, int64_t end, int64_t plane,
-                                                  int64_t channels, const acc_t* ka, const acc_t* kb,
-                                                  const acc_t* kc, StreamFloats stream) {
+                                                  int64_t channels, const acc_t* scale, const acc_t* shift,
+                                                  const acc_t* ka, const acc_t* kb, const acc_t* kc,
+                                                  StreamFloats stream) {
   alignas(64) float tile[kStreamTile];
   for (int64_t p = begin; p < end; ++p) {
     const int64_t c = p % channels;
     const int64_t o = p * plane;
     const float* g = grad_out_or_dz + o;
-    const float* yp = kStoredDz ? nullptr : out + o;
+    const float* yp = at_offset(out, o);
     const float* xp = x + o;
     float* gx = grad_input + o;
+    const acc_t sc = input_mask_value<kDz>(scale, c), sh = input_mask_value<kDz>(shift, c);
     int64_t i = until_aligned(gx, plane);
-    span_backward_apply<float, acc_t, kStoredDz>(g, yp, xp, gx, i, ka[c], kb[c], kc[c]);
+    span_backward_apply<float, acc_t, kDz>(g, yp, xp, gx, i, sc, sh, ka[c], kb[c], kc[c]);
     for (int64_t count; (count = std::min(kStreamTile, (plane - i) / 16 * 16)) > 0; i += count) {
-      span_backward_apply<float, acc_t, kStoredDz>(g + i, kStoredDz ? nullptr : yp + i, xp + i, tile, count, ka[c],
-                                                   kb[c], kc[c]);
+      span_backward_apply<float, acc_t, kDz>(g + i, at_offset(yp, i), xp + i, tile, count, sc, sh, ka[c], kb[c],
+                                             kc[c]);
       stream(gx + i, tile, count);
     }
-    span_backward_apply<float, acc_t, kStoredDz>(g + i, kStoredDz ? nullptr : yp + i, xp + i, gx + i, plane - i,
-                                                 ka[c], kb[c], kc[c]);
+    span_backward_apply<float, acc_t, kDz>(g + i, at_offset(yp, i), xp + i, gx + i, plane - i, sc, sh, ka[c], kb[c],
+                                           kc[c]);
   }
   streaming_fence();
 }
 
-template <typename acc_t, bool kStoredDz>
+template <typename acc_t, Dz kDz>
 RD_CPU_CLONES void rows_backward_apply_streamed(const float* grad_out_or_dz, const float* out, const float* x,
-                                                float* grad_input, int64_t rows, int64_t channels, const acc_t* ka,
-                                                const acc_t* kb, const acc_t* kc, StreamFloats stream) {
+                                                float* grad_input, int64_t rows, int64_t channels, const acc_t* scale,
+                                                const acc_t* shift, const acc_t* ka, const acc_t* kb, const acc_t* kc,
+                                                StreamFloats stream) {
   alignas(64) float tile[kStreamTile];
   const int64_t tile_rows = kStreamTile / channels;
   for (int64_t row = 0; row < rows; row += tile_rows) {
     const int64_t count = std::min(tile_rows, rows - row);
     const int64_t o = row * channels;
-    block_rows_backward_apply<float, acc_t, kStoredDz>(grad_out_or_dz + o, kStoredDz ? nullptr : out + o, x + o,
-                                                       tile, count, channels, ka, kb, kc);
+    block_rows_backward_apply<float, acc_t, kDz>(grad_out_or_dz + o, at_offset(out, o), x + o, tile, count,
+                                                 channels, scale, shift, ka, kb, kc);
     stream(grad_input + o, tile, count * channels);
   }
   streaming_fence();
@@ -585,7 +633,8 @@ template <typename T>
 class PerWalkedChannel {
  public:
   PerWalkedChannel(const T* values, const Geometry& g) : data_(values) {
-    if (!walk_as_rows(g) || g.plane == 1) return;  // 1x1 planes: each value once, as given
+    // 1x1 planes: each value once, as given; null (values a pass does not read) stays null
+    if (values == nullptr || !walk_as_rows(g) || g.plane == 1) return;
     repeated_.reset(new T[g.channels * g.plane + kRepeatLanes]);
     repeat_each(values, g.channels, g.plane, repeated_.get());
     data_ = repeated_.get();
@@ -674,31 +723,45 @@ void normalize_add_relu(const ForwardArgs& a, const acc_t* mean, const acc_t* in
   }
 }
 
-// Both backward passes. With the residual's gradient wanted, pass 1 writes dz into it and pass 2 reads it
-// back instead of grad_out and out: one tensor read fewer.
-template <typename scalar_t, typename acc_t, bool kStoreDz>
+// Activation-sized tensors the backward touches: grad_out, x and grad_x, with out unless the mask comes from the
+// input, and dz when it is stored.
+constexpr int64_t backward_tensors(Dz dz) {
+  return dz == Dz::kStoredDz ? 5 : dz == Dz::kOutputMask ? 4 : 3;
+}
+
+// Both backward passes, finding dz as kDz says (see Dz): y is null with kInputMask, which needs the forward's
+// bias; dz (the residual's gradient) is written with kStoredDz only.
+template <typename scalar_t, typename acc_t, Dz kDz>
 void backward_passes(const Geometry& g, const scalar_t* gy, const scalar_t* y, const scalar_t* x, scalar_t* gx,
-                     scalar_t* dz, const acc_t* mean, const acc_t* invstd, const acc_t* weight, bool training,
-                     acc_t* grad_weight, acc_t* grad_bias) {
+                     scalar_t* dz, const acc_t* mean, const acc_t* invstd, const acc_t* weight, const acc_t* bias,
+                     bool training, acc_t* grad_weight, acc_t* grad_bias) {
+  const int64_t channels = g.channels;
   const Geometry w = walk_as_rows(g) ? rows_geometry(g) : g;
   const PerWalkedChannel<acc_t> walked_mean(mean, g);
+  std::vector<acc_t> scale, shift;  // the forward's affine map, for the input mask only
+  if constexpr (kDz == Dz::kInputMask) {
+    scale.resize(channels);
+    shift.resize(channels);
+    channel_affines<acc_t>(mean, invstd, weight, bias, channels, scale.data(), shift.data());
+  }
+  const PerWalkedChannel<acc_t> walked_scale(scale.empty() ? nullptr : scale.data(), g);
+  const PerWalkedChannel<acc_t> walked_shift(shift.empty() ? nullptr : shift.data(), g);
   std::vector<double> sum_dz, sum_dz_xmu;
   channel_sums<acc_t>(
-      w, g.channels,
+      w, channels,
       [&](int64_t begin, int64_t end, double* s0, double* s1) {
-        planes_backward_sums<scalar_t, acc_t, kStoreDz>(gy, y, x, dz, begin, end, w.plane, w.channels,
-                                                        walked_mean.data(), s0, s1);
+        planes_backward_sums<scalar_t, acc_t, kDz>(gy, y, x, dz, begin, end, w.plane, w.channels, walked_mean.data(),
+                                                   walked_scale.data(), walked_shift.data(), s0, s1);
       },
       [&](int64_t offset, int64_t rows, acc_t* s0, acc_t* s1) {
         with_fixed_channels(w.channels, [&](auto fixed) {
-          rows_backward_sums<scalar_t, acc_t, kStoreDz, decltype(fixed)::value>(
-              gy + offset, y + offset, x + offset, kStoreDz ? dz + offset : nullptr, rows, w.channels,
-              walked_mean.data(), s0, s1);
+          rows_backward_sums<scalar_t, acc_t, kDz, decltype(fixed)::value>(
+              gy + offset, at_offset(y, offset), x + offset, at_offset(dz, offset), rows, w.channels,
+              walked_mean.data(), walked_scale.data(), walked_shift.data(), s0, s1);
         });
       },
       sum_dz, sum_dz_xmu);
 
-  const int64_t channels = g.channels;
   std::vector<acc_t> ka(channels), kb(channels), kc(channels);
   const acc_t count = static_cast<acc_t>(g.per_channel());
   channel_backward_coeffs<acc_t>(sum_dz.data(), sum_dz_xmu.data(), mean, invstd, weight, channels, count, training,
@@ -707,32 +770,34 @@ void backward_passes(const Geometry& g, const scalar_t* gy, const scalar_t* y, c
   const PerWalkedChannel<acc_t> walked_a(ka.data(), g);
   const PerWalkedChannel<acc_t> walked_b(kb.data(), g);
   const PerWalkedChannel<acc_t> walked_c(kc.data(), g);
-  const scalar_t* source = kStoreDz ? dz : gy;
+  const acc_t* sc = walked_scale.data();
+  const acc_t* sh = walked_shift.data();
+  const scalar_t* source = kDz == Dz::kStoredDz ? dz : gy;
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (const StreamFloats stream = output_streamer(w, gx, kStoreDz ? 5 : 4)) {  // grad_out, out, x, dz, gx
+    if (const StreamFloats stream = output_streamer(w, gx, backward_tensors(kDz))) {
       return elementwise(
           w,
           [&](int64_t begin, int64_t end) {
-            planes_backward_apply_streamed<acc_t, kStoreDz>(source, y, x, gx, begin, end, w.plane, w.channels,
-                                                            walked_a.data(), walked_b.data(), walked_c.data(),
-                                                            stream);
+            planes_backward_apply_streamed<acc_t, kDz>(source, y, x, gx, begin, end, w.plane, w.channels, sc, sh,
+                                                       walked_a.data(), walked_b.data(), walked_c.data(), stream);
           },
           [&](int64_t offset, int64_t rows) {
-            rows_backward_apply_streamed<acc_t, kStoreDz>(source + offset, y + offset, x + offset, gx + offset,
-                                                          rows, w.channels, walked_a.data(), walked_b.data(),
-                                                          walked_c.data(), stream);
+            rows_backward_apply_streamed<acc_t, kDz>(source + offset, at_offset(y, offset), x + offset, gx + offset,
+                                                     rows, w.channels, sc, sh, walked_a.data(), walked_b.data(),
+                                                     walked_c.data(), stream);
           });
     }
   }
   elementwise(
       w,
       [&](int64_t begin, int64_t end) {
-        planes_backward_apply<scalar_t, acc_t, kStoreDz>(source, y, x, gx, begin, end, w.plane, w.channels,
-                                                         walked_a.data(), walked_b.data(), walked_c.data());
+        planes_backward_apply<scalar_t, acc_t, kDz>(source, y, x, gx, begin, end, w.plane, w.channels, sc, sh,
+                                                    walked_a.data(), walked_b.data(), walked_c.data());
       },
       [&](int64_t offset, int64_t rows) {
-        rows_backward_apply<scalar_t, acc_t, kStoreDz>(source + offset, y + offset, x + offset, gx + offset, rows,
-                                                       w.channels, walked_a.data(), walked_b.data(), walked_c.data());
+        rows_backward_apply<scalar_t, acc_t, kDz>(source + offset, at_offset(y, offset), x + offset, gx + offset, rows,
+                                                  w.channels, sc, sh, walked_a.data(), walked_b.data(),
+                                                  walked_c.data());
       });
 }
 
@@ -777,9 +842,11 @@ at::Tensor bn_add_relu_eval_cpu(const at::Tensor& input, const std::optional<at:
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& input, const at::Tensor& mean,
-    const at::Tensor& invstd, const std::optional<at::Tensor>& weight, bool training, bool residual_grad) {
-  const BackwardArgs a = prepare_backward("bn_add_relu_backward", grad_out, out, input, mean, invstd, weight);
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& out, const at::Tensor& input, const at::Tensor& mean,
+    const at::Tensor& invstd, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    bool training, bool residual_grad) {
+  const BackwardArgs a =
+      prepare_backward("bn_add_relu_backward", grad_out, out, input, mean, invstd, weight, bias, residual_grad);
   const int64_t channels = a.geom.channels;
   at::Tensor grad_input = at::empty_like(a.input, a.format);
   at::Tensor grad_residual = residual_grad ? at::empty_like(a.input, a.format) : at::empty({0}, input.options());
@@ -788,7 +855,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_backward_
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "bn_add_relu_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* gy = a.grad_out.data_ptr<scalar_t>();
-    const scalar_t* y = a.out.data_ptr<scalar_t>();
     const scalar_t* x = a.input.data_ptr<scalar_t>();
     scalar_t* gx = grad_input.data_ptr<scalar_t>();
     const acc_t* mean_ptr = a.mean.data_ptr<acc_t>();
@@ -796,12 +862,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_backward_
     const acc_t* weight_ptr = a.weight.data_ptr<acc_t>();
     acc_t* gw = grad_weight.data_ptr<acc_t>();
     acc_t* gb = grad_bias.data_ptr<acc_t>();
-    if (residual_grad) {
-      backward_passes<scalar_t, acc_t, true>(a.geom, gy, y, x, gx, grad_residual.data_ptr<scalar_t>(), mean_ptr,
-                                             invstd_ptr, weight_ptr, training, gw, gb);
+    if (!a.out.defined()) {
+      backward_passes<scalar_t, acc_t, Dz::kInputMask>(a.geom, gy, nullptr, x, gx, nullptr, mean_ptr, invstd_ptr,
+                                                       weight_ptr, a.bias.data_ptr<acc_t>(), training, gw, gb);
+    } else if (residual_grad) {
+      backward_passes<scalar_t, acc_t, Dz::kStoredDz>(a.geom, gy, a.out.data_ptr<scalar_t>(), x, gx,
+                                                      grad_residual.data_ptr<scalar_t>(), mean_ptr, invstd_ptr,
+                                                      weight_ptr, nullptr, training, gw, gb);
     } else {
-      backward_passes<scalar_t, acc_t, false>(a.geom, gy, y, x, gx, nullptr, mean_ptr, invstd_ptr, weight_ptr,
-                                              training, gw, gb);
+      backward_passes<scalar_t, acc_t, Dz::kOutputMask>(a.geom, gy, a.out.data_ptr<scalar_t>(), x, gx, nullptr,
+                                                        mean_ptr, invstd_ptr, weight_ptr, nullptr, training, gw, gb);
     }
   });
   const auto param_dtype = param_grad_dtype(input, weight);

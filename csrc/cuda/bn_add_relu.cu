@@ -81,11 +81,25 @@ __global__ void normalize_add_relu_kernel(Geometry g, const scalar_t* __restrict
   }
 }
 
+// dz of element i (channel c, input value x) behind the ReLU: the mask from `out`, or, when out is null (a forward
+// without residual), from the input through the forward's affine map (bias is read only then).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t grad_behind_relu(const scalar_t* __restrict__ grad_out,
+                                                  const scalar_t* __restrict__ out, int64_t i, int64_t c, acc_t x,
+                                                  const acc_t* __restrict__ mean, const acc_t* __restrict__ invstd,
+                                                  const acc_t* __restrict__ weight, const acc_t* __restrict__ bias) {
+  const acc_t g = static_cast<acc_t>(grad_out[i]);
+  if (out != nullptr) return relu_backward(g, static_cast<acc_t>(out[i]));
+  const ChannelAffine<acc_t> affine = bn_affine(mean[c], invstd[c], weight[c], bias[c]);
+  return relu_backward_from_input(g, x, affine.scale, affine.shift);
+}
+
 // Per channel (one block each): sum(dz) and sum(dz * (x - mean)), and from them the parameter gradients.
 template <typename scalar_t, typename acc_t>
 __global__ void backward_reduce_kernel(Geometry g, const scalar_t* __restrict__ grad_out,
                                        const scalar_t* __restrict__ out, const scalar_t* __restrict__ x,
                                        const acc_t* __restrict__ mean, const acc_t* __restrict__ invstd,
+                                       const acc_t* __restrict__ weight, const acc_t* __restrict__ bias,
                                        acc_t* __restrict__ sum_dz, acc_t* __restrict__ sum_dz_xmu,
                                        acc_t* __restrict__ grad_weight, acc_t* __restrict__ grad_bias) {
   const int64_t c = blockIdx.x;
@@ -93,9 +107,10 @@ __global__ void backward_reduce_kernel(Geometry g, const scalar_t* __restrict__ 
   acc_t s0 = 0, s1 = 0;
   for (int64_t j = threadIdx.x; j < g.per_channel(); j += blockDim.x) {
     const int64_t i = element_index(g, j, c);
-    const acc_t dz = relu_backward(static_cast<acc_t>(grad_out[i]), static_cast<acc_t>(out[i]));
+    const acc_t xi = static_cast<acc_t>(x[i]);
+    const acc_t dz = grad_behind_relu(grad_out, out, i, c, xi, mean, invstd, weight, bias);
     s0 += dz;
-    s1 += dz * (static_cast<acc_t>(x[i]) - mu);
+    s1 += dz * (xi - mu);
   }
   double total_dz = s0, total_dz_xmu = s1;
   block_sum2(total_dz, total_dz_xmu);
@@ -111,17 +126,18 @@ template <typename scalar_t, typename acc_t>
 __global__ void backward_elementwise_kernel(Geometry g, const scalar_t* __restrict__ grad_out,
                                             const scalar_t* __restrict__ out, const scalar_t* __restrict__ x,
                                             const acc_t* __restrict__ mean, const acc_t* __restrict__ invstd,
-                                            const acc_t* __restrict__ weight, const acc_t* __restrict__ sum_dz,
-                                            const acc_t* __restrict__ sum_dz_xmu, bool training,
-                                            scalar_t* __restrict__ grad_input, scalar_t* __restrict__ grad_residual,
-                                            int64_t numel) {
+                                            const acc_t* __restrict__ weight, const acc_t* __restrict__ bias,
+                                            const acc_t* __restrict__ sum_dz, const acc_t* __restrict__ sum_dz_xmu,
+                                            bool training, scalar_t* __restrict__ grad_input,
+                                            scalar_t* __restrict__ grad_residual, int64_t numel) {
   const acc_t count = static_cast<acc_t>(g.per_channel());
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < numel; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t c = channel_of(g, i);
     const InputGradCoeffs<acc_t> k =
         input_grad_coeffs<acc_t>(mean[c], invstd[c], weight[c], sum_dz[c], sum_dz_xmu[c], count, training);
-    const acc_t dz = relu_backward(static_cast<acc_t>(grad_out[i]), static_cast<acc_t>(out[i]));
-    grad_input[i] = static_cast<scalar_t>(bn_input_grad(dz, static_cast<acc_t>(x[i]), k));
+    const acc_t xi = static_cast<acc_t>(x[i]);
+    const acc_t dz = grad_behind_relu(grad_out, out, i, c, xi, mean, invstd, weight, bias);
+    grad_input[i] = static_cast<scalar_t>(bn_input_grad(dz, xi, k));
     if (grad_residual != nullptr) grad_residual[i] = static_cast<scalar_t>(dz);
   }
 }
@@ -193,9 +209,11 @@ at::Tensor bn_add_relu_eval_cuda(const at::Tensor& input, const std::optional<at
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& input, const at::Tensor& mean,
-    const at::Tensor& invstd, const std::optional<at::Tensor>& weight, bool training, bool residual_grad) {
-  const BackwardArgs a = prepare_backward("bn_add_relu_backward", grad_out, out, input, mean, invstd, weight);
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& out, const at::Tensor& input, const at::Tensor& mean,
+    const at::Tensor& invstd, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    bool training, bool residual_grad) {
+  const BackwardArgs a =
+      prepare_backward("bn_add_relu_backward", grad_out, out, input, mean, invstd, weight, bias, residual_grad);
   const c10::cuda::CUDAGuard guard(input.device());
   const int64_t channels = a.geom.channels;
   const int64_t numel = a.input.numel();
@@ -209,14 +227,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_backward_
   if (numel > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "bn_add_relu_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t* out_or_null = data_or_null<scalar_t>(a.out);  // null: the mask comes from the input
+      const acc_t* bias_or_null = data_or_null<acc_t>(a.bias);
       backward_reduce_kernel<scalar_t, acc_t><<<channels, kThreads, 0, stream>>>(
-          a.geom, a.grad_out.data_ptr<scalar_t>(), a.out.data_ptr<scalar_t>(), a.input.data_ptr<scalar_t>(),
-          a.mean.data_ptr<acc_t>(), a.invstd.data_ptr<acc_t>(), sum_dz.data_ptr<acc_t>(),
-          sum_dz_xmu.data_ptr<acc_t>(), grad_weight.data_ptr<acc_t>(), grad_bias.data_ptr<acc_t>());
+          a.geom, a.grad_out.data_ptr<scalar_t>(), out_or_null, a.input.data_ptr<scalar_t>(),
+          a.mean.data_ptr<acc_t>(), a.invstd.data_ptr<acc_t>(), a.weight.data_ptr<acc_t>(), bias_or_null,
+          sum_dz.data_ptr<acc_t>(), sum_dz_xmu.data_ptr<acc_t>(), grad_weight.data_ptr<acc_t>(),
+          grad_bias.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       backward_elementwise_kernel<scalar_t, acc_t><<<elementwise_blocks(numel), kThreads, 0, stream>>>(
-          a.geom, a.grad_out.data_ptr<scalar_t>(), a.out.data_ptr<scalar_t>(), a.input.data_ptr<scalar_t>(),
-          a.mean.data_ptr<acc_t>(), a.invstd.data_ptr<acc_t>(), a.weight.data_ptr<acc_t>(),
+          a.geom, a.grad_out.data_ptr<scalar_t>(), out_or_null, a.input.data_ptr<scalar_t>(),
+          a.mean.data_ptr<acc_t>(), a.invstd.data_ptr<acc_t>(), a.weight.data_ptr<acc_t>(), bias_or_null,
           sum_dz.data_ptr<acc_t>(), sum_dz_xmu.data_ptr<acc_t>(), training, grad_input.data_ptr<scalar_t>(),
           residual_grad ? grad_residual.data_ptr<scalar_t>() : nullptr, numel);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

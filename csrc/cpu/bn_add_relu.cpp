@@ -601,8 +601,10 @@ RD_CPU_CLONES void channel_backward_coeffs(const double* __restrict__ sum_dz, co
 // ---- Passes ----
 
 // NCHW planes smaller than this are walked as channels_last rows of C*H*W values (one sample each), with every
-// per-channel value repeated H*W times, so that inner loops are long enough to vectorize.
-constexpr int64_t kSmallPlane = 32;
+// per-channel value repeated H*W times, so that inner loops are long enough to vectorize. A 6x6 plane (36 values)
+// in a loop of its own runs two 16-lane steps and a scalar tail, and pays a reduction's set-up and final lane sum
+// per plane: walked as rows, a training step at 64x256x6x6 took a quarter to a third less time.
+constexpr int64_t kSmallPlane = 64;
 
 bool walk_as_rows(const Geometry& g) {
   return !g.channels_last && g.plane < kSmallPlane;

@@ -54,8 +54,8 @@ bool requires_grad(const OptionalTensor& tensor) { return present(tensor) && ten
 at::Tensor value_or_undefined(const OptionalTensor& tensor) { return present(tensor) ? *tensor : at::Tensor(); }
 
 // Saves what bn_add_relu_backward needs and which gradients are wanted. The ReLU mask comes from `out` after a
-// forward with residual (or in eval, whose invstd is recomputed here), else from the input, which the backward
-// reads anyway: then `out` is not saved, the bias is.
+// forward with residual and in eval (EvalFunction recomputes invstd, which may differ from the forward's in the
+// last bit), else from the input, which the backward reads anyway: then `out` is not saved, the bias is.
 // (AutogradContext::needs_input_grad counts only the tensors given, not the argument positions.)
 void save_for_backward(AutogradContext* ctx, const at::Tensor& out, const at::Tensor& input, const at::Tensor& mean,
                        const at::Tensor& invstd, const OptionalTensor& residual, const OptionalTensor& weight,

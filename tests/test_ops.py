@@ -292,7 +292,8 @@ def test_opcheck(training, memory_format):
 @pytest.mark.parametrize("memory_format", FORMATS)
 def test_backward_with_mask_from_input_matches_mask_from_output(dtype, shape, memory_format):
     # After a forward without residual the backward may take the ReLU mask from the input (out=None): every walk
-    # (NCHW planes, small planes as rows, channels_last rows, streamed or not) must give what reading out gives.
+    # (NCHW planes, small planes as rows, channels_last rows) must give what reading out gives. (Streamed outputs
+    # go through it in test_streamed_outputs_match_unfused_expression.)
     # Half the outputs are zero, so a mask off by one channel's scale or shift would show.
     s = sample_inputs(shape, "cpu", dtype, memory_format, False, requires_grad=False)
     out, mean, invstd = OPS.bn_add_relu_train(s["input"], None, s["weight"], s["bias"], 1e-5)

@@ -347,8 +347,10 @@ def fastest(report: Dict[str, Any]) -> str:
 def op_table(op_report: Dict[str, Any]) -> str:
     from resnet_deploy import op_benchmark
 
-    names = [field.name for field in dataclasses.fields(op_benchmark.Row)]  # the JSON adds derived columns
-    return op_benchmark.format_table([op_benchmark.Row(**{k: r[k] for k in names}) for r in op_report["results"]])
+    # The JSON adds derived columns; reports from before a column was added lack it (its default then applies).
+    names = [field.name for field in dataclasses.fields(op_benchmark.Row)]
+    return op_benchmark.format_table([op_benchmark.Row(**{k: r[k] for k in names if k in r})
+                                      for r in op_report["results"]])
 
 
 def environment_line(env: Dict[str, Any]) -> str:

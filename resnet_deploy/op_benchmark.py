@@ -7,6 +7,11 @@ touches as many distinct bytes as the operation does (its footprint), measured i
 footprint matters: one 9.4 MB activation copies from the last-level cache, while a training step's six
 activations (56 MB) stream from DRAM at a third of that speed.
 
+Eval rows also time PyTorch's own elementwise kernel moving the bound's bytes: relu(x) without a residual,
+x + residual with one (the bound's reads and write, an output allocated per call, one dispatch). At the small
+sites that kernel, not the bound's copy into a preallocated tensor, is the least an operator called from Python
+costs.
+
 Each row also counts the minor page faults per call, because fresh output allocations that the allocator
 backs with new pages can cost more than the arithmetic (see resnet_deploy.allocator).
 """
@@ -53,6 +58,7 @@ class Row:
     bandwidth_gbs: float  # of the footprint-matched copy behind bound_ms
     fused_faults: float  # minor page faults per call
     eager_faults: float
+    builtin_ms: Optional[float] = None  # eval only: relu(x), or x + residual (see the module docstring)
 
     @property
     def speedup_vs_eager(self) -> float:
@@ -115,6 +121,11 @@ def fused(x, residual, running_mean, running_var, weight, bias, training: bool):
     return batch_norm_add_relu(x, residual, running_mean, running_var, weight, bias, training)
 
 
+def builtin(x, residual, running_mean, running_var, weight, bias, training: bool):
+    """PyTorch's own elementwise kernel with the eval bound's traffic (reads x and residual, writes y)."""
+    return F.relu(x) if residual is None else x + residual
+
+
 def _eval_step(fn, args):
     def step():
         with torch.inference_mode():
@@ -156,13 +167,17 @@ def measure(shape, memory_format: str, with_compile: bool, min_run_time: float,
         steps = {"copy": copy, "fused": make_step(fused, args), "eager": make_step(unfused, args)}
         if compiled is not None:
             steps["compile"] = make_step(compiled, args)
-        times: Dict[str, Optional[float]] = {"compile": None, **interleaved_medians_ms(steps, min_run_time)}
+        if mode == "eval forward":
+            steps["builtin"] = make_step(builtin, args)
+        times: Dict[str, Optional[float]] = {"compile": None, "builtin": None,
+                                             **interleaved_medians_ms(steps, min_run_time)}
         bandwidth = copied_bytes / (times["copy"] / 1e3)
         row = Row(list(shape), memory_format, with_residual, mode, times["fused"], times["eager"], times["compile"],
                   passes * activation_bytes / bandwidth * 1e3, bandwidth / 1e9, faults_per_call(steps["fused"]),
-                  faults_per_call(steps["eager"]))
+                  faults_per_call(steps["eager"]), times["builtin"])
         log(f"  {memory_format:13s} {mode:24s} fused {row.fused_ms:7.3f} ms  eager {row.eager_ms:7.3f} ms  "
             f"compile {row.compile_ms if row.compile_ms is not None else float('nan'):7.3f} ms  "
+            + (f"relu or add {row.builtin_ms:7.3f} ms  " if row.builtin_ms is not None else "") +
             f"bound {row.bound_ms:7.3f} ms ({row.bandwidth_gbs:.0f} GB/s)  "
             f"faults/call fused {row.fused_faults:.0f} eager {row.eager_faults:.0f}")
         rows.append(row)
@@ -238,14 +253,17 @@ def environment() -> dict:
 
 
 def format_table(rows: List[Row]) -> str:
-    lines = ["| shape | layout | residual | mode | fused ms | eager ms | compile ms | bound ms | fused vs eager | "
-             "fused / bound | eager / bound | faults/call fused, eager |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| shape | layout | residual | mode | fused ms | eager ms | compile ms | relu or add ms | bound ms | "
+             "fused vs eager | fused / bound | eager / bound | faults/call fused, eager |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def optional_ms(ms: Optional[float]) -> str:
+        return f"{ms:.3f}" if ms is not None else "-"
+
     for r in rows:
-        compile_ms = f"{r.compile_ms:.3f}" if r.compile_ms is not None else "-"
         lines.append(f"| {'x'.join(map(str, r.shape))} | {r.memory_format} | {'yes' if r.residual else 'no'} | "
-                     f"{r.mode} | {r.fused_ms:.3f} | "
-                     f"{r.eager_ms:.3f} | {compile_ms} | {r.bound_ms:.3f} | {r.speedup_vs_eager:.2f}x | "
+                     f"{r.mode} | {r.fused_ms:.3f} | {r.eager_ms:.3f} | {optional_ms(r.compile_ms)} | "
+                     f"{optional_ms(r.builtin_ms)} | {r.bound_ms:.3f} | {r.speedup_vs_eager:.2f}x | "
                      f"{r.fused_ms / r.bound_ms:.2f}x | {r.eager_vs_bound:.2f}x | "
                      f"{r.fused_faults:.0f}, {r.eager_faults:.0f} |")
     return "\n".join(lines)

@@ -108,6 +108,12 @@ RD_ALWAYS_INLINE void span_forward(const scalar_t* __restrict__ x, const scalar_
   }
 }
 
+// p + offset, or null for a tensor the pass does not read or write.
+template <typename T>
+T* at_offset(T* p, int64_t offset) {
+  return p == nullptr ? nullptr : p + offset;
+}
+
 // `columns` values of each of `rows` rows that start `stride` values apart.
 template <typename scalar_t, typename acc_t, bool kResidual>
 RD_ALWAYS_INLINE void block_rows_forward(const scalar_t* __restrict__ x, const scalar_t* __restrict__ residual,
@@ -123,9 +129,10 @@ RD_ALWAYS_INLINE void block_rows_forward(const scalar_t* __restrict__ x, const s
   }
 }
 
-// Small NCHW planes walked as rows make long rows (4,608 columns at 512x3x3) whose per-column scale and shift (18 KB
-// each) would come back from L2 for every row: a block's rows are walked one tile of columns at a time, so that the
-// tile's values stay in L1 across them. (Shorter rows are one tile.)
+// Small NCHW planes walked as rows make long rows (4,608 columns at 512x3x3) whose per-column values (18 KB each:
+// scale and shift, and in the backward's elementwise pass up to five) would come back from L2 for every row: a
+// block's rows are walked one tile of columns at a time, so that the tile's values stay in L1 across them.
+// (Shorter rows are one tile.)
 constexpr int64_t kColumnTile = 1024;
 
 template <typename scalar_t, typename acc_t, bool kResidual>
@@ -254,14 +261,14 @@ RD_ALWAYS_INLINE void span_backward_apply(const scalar_t* __restrict__ grad_out_
 template <typename scalar_t, typename acc_t, Dz kDz>
 RD_ALWAYS_INLINE void block_rows_backward_apply(const scalar_t* __restrict__ grad_out_or_dz,
                                                 const scalar_t* __restrict__ out, const scalar_t* __restrict__ x,
-                                                scalar_t* __restrict__ grad_input, int64_t rows, int64_t channels,
-                                                const acc_t* __restrict__ scale, const acc_t* __restrict__ shift,
-                                                const acc_t* __restrict__ ka, const acc_t* __restrict__ kb,
-                                                const acc_t* __restrict__ kc) {
+                                                scalar_t* __restrict__ grad_input, int64_t rows, int64_t columns,
+                                                int64_t stride, const acc_t* __restrict__ scale,
+                                                const acc_t* __restrict__ shift, const acc_t* __restrict__ ka,
+                                                const acc_t* __restrict__ kb, const acc_t* __restrict__ kc) {
   for (int64_t row = 0; row < rows; ++row) {
-    const int64_t base = row * channels;
+    const int64_t base = row * stride;
 #pragma omp simd
-    for (int64_t c = 0; c < channels; ++c) {
+    for (int64_t c = 0; c < columns; ++c) {
       const acc_t xi = static_cast<acc_t>(x[base + c]);
       const acc_t dz = kDz == Dz::kStoredDz
                            ? static_cast<acc_t>(grad_out_or_dz[base + c])
@@ -276,8 +283,11 @@ template <typename scalar_t, typename acc_t, Dz kDz>
 RD_CPU_CLONES void rows_backward_apply(const scalar_t* grad_out_or_dz, const scalar_t* out, const scalar_t* x,
                                        scalar_t* grad_input, int64_t rows, int64_t channels, const acc_t* scale,
                                        const acc_t* shift, const acc_t* ka, const acc_t* kb, const acc_t* kc) {
-  block_rows_backward_apply<scalar_t, acc_t, kDz>(grad_out_or_dz, out, x, grad_input, rows, channels, scale, shift,
-                                                  ka, kb, kc);
+  for (int64_t c = 0; c < channels; c += kColumnTile) {  // as rows_forward
+    block_rows_backward_apply<scalar_t, acc_t, kDz>(grad_out_or_dz + c, at_offset(out, c), x + c, grad_input + c, rows,
+                                                    std::min(kColumnTile, channels - c), channels, at_offset(scale, c),
+                                                    at_offset(shift, c), ka + c, kb + c, kc + c);
+  }
 }
 
 // ---- NCHW: planes [begin, end) of N*C, plane p holding channel p % C ----
@@ -303,12 +313,6 @@ RD_CPU_CLONES void planes_forward(const scalar_t* x, const scalar_t* residual, s
     span_forward<scalar_t, acc_t, kResidual>(x + p * plane, kResidual ? residual + p * plane : nullptr,
                                              y + p * plane, plane, scale[c], shift[c]);
   }
-}
-
-// p + offset, or null for a tensor the pass does not read or write.
-template <typename T>
-T* at_offset(T* p, int64_t offset) {
-  return p == nullptr ? nullptr : p + offset;
 }
 
 template <typename scalar_t, typename acc_t, Dz kDz>
@@ -446,7 +450,7 @@ RD_CPU_CLONES void rows_backward_apply_streamed(const float* grad_out_or_dz, con
     const int64_t count = std::min(tile_rows, rows - row);
     const int64_t o = row * channels;
     block_rows_backward_apply<float, acc_t, kDz>(grad_out_or_dz + o, at_offset(out, o), x + o, tile, count,
-                                                 channels, scale, shift, ka, kb, kc);
+                                                 channels, channels, scale, shift, ka, kb, kc);
     stream(grad_input + o, tile, count * channels);
   }
   streaming_fence();

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -154,6 +155,9 @@ at::Tensor eval_autograd(const at::Tensor& input, const OptionalTensor& residual
 TORCH_LIBRARY_IMPL(resnet_deploy, Autograd, m) {
   m.impl("bn_add_relu_train", &train_autograd);
   m.impl("bn_add_relu_eval", &eval_autograd);
+  // No double backward: differentiating the backward's outputs (after backward with create_graph=True) raises,
+  // instead of the gradients silently missing.
+  m.impl("bn_add_relu_backward", torch::autograd::autogradNotImplementedFallback());
 }
 
 }  // namespace resnet_deploy

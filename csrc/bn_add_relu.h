@@ -26,10 +26,11 @@ struct Geometry {
   RD_HOST_DEVICE int64_t per_channel() const { return batch * plane; }
 };
 
-// invstd = 1 / sqrt(var + eps), with a variance that rounding pushed below zero clamped to zero.
+// invstd = 1 / sqrt(var + eps), with a variance that rounding pushed below zero clamped to zero. Written so that a
+// NaN variance (a NaN or infinite input) stays NaN, as in PyTorch, instead of becoming a finite 1 / sqrt(eps).
 template <typename acc_t>
 RD_HOST_DEVICE acc_t inverse_std(acc_t var, double eps) {
-  return acc_t(1) / std::sqrt((var > acc_t(0) ? var : acc_t(0)) + static_cast<acc_t>(eps));
+  return acc_t(1) / std::sqrt((var < acc_t(0) ? acc_t(0) : var) + static_cast<acc_t>(eps));
 }
 
 // Mean and biased variance of a channel from sums of (x - shift) and (x - shift)^2; the shift (any value of
@@ -44,7 +45,7 @@ template <typename acc_t>
 RD_HOST_DEVICE MeanVar<acc_t> mean_var_from_shifted_sums(double sum, double sum_sq, double count, acc_t shift) {
   const double shifted_mean = sum / count;
   const double var = sum_sq / count - shifted_mean * shifted_mean;
-  return {static_cast<acc_t>(shift + shifted_mean), static_cast<acc_t>(var > 0 ? var : 0)};
+  return {static_cast<acc_t>(shift + shifted_mean), static_cast<acc_t>(var < 0 ? 0 : var)};  // NaN stays NaN
 }
 
 // BatchNorm as a per-channel affine map: bn(x) = x * scale + shift.

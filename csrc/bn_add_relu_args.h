@@ -28,6 +28,7 @@ inline void check_input(const char* op, const at::Tensor& input) {
   TORCH_CHECK_TYPE(at::isFloatingType(input.scalar_type()), op,
                    ": expected a floating-point input (float32, float64, bfloat16 or float16), got ",
                    input.scalar_type());
+  TORCH_CHECK_VALUE(input.size(1) > 0, op, ": expected at least one channel, got input of shape ", input.sizes());
 }
 
 inline void check_same_device(const char* op, const at::Tensor& input, const at::Tensor& other, const char* name) {
@@ -51,8 +52,9 @@ inline void check_channel_param(const char* op, const at::Tensor& input, const a
                    param.scalar_type());
 }
 
+// As in PyTorch, an empty input (no values at all) is allowed: its output is empty.
 inline void check_training_count(const char* op, const at::Tensor& input) {
-  TORCH_CHECK_VALUE(input.numel() / input.size(1) > 1, op,
+  TORCH_CHECK_VALUE(input.numel() / input.size(1) != 1, op,
                     ": expected more than 1 value per channel when training, got input of shape ", input.sizes());
 }
 

@@ -20,8 +20,9 @@ _ops = torch.ops.resnet_deploy
 def _check_inputs(input: Tensor, residual: Optional[Tensor], running_mean: Optional[Tensor],
                   running_var: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
                   training: bool):
-    # Shape and dtype errors are raised by the C++ operators; devices are checked here because a tensor
-    # on another device sends the call to that device's kernel before any C++ check can run.
+    # Shape and dtype errors are raised by the C++ operators, except the running statistics' (below). Devices are
+    # checked here because a tensor on another device sends the call to that device's kernel before any C++ check
+    # can run.
     tensors: List[Optional[Tensor]] = [residual, running_mean, running_var, weight, bias]
     for other in tensors:
         if other is not None and other.device != input.device:
@@ -29,6 +30,15 @@ def _check_inputs(input: Tensor, residual: Optional[Tensor], running_mean: Optio
                              f"got one on {other.device}")
     if not training and (running_mean is None or running_var is None):
         raise ValueError("batch_norm_add_relu: eval mode (training=False) needs running_mean and running_var")
+    # Checked before the forward: in training the running statistics are only read by the update after it.
+    _check_channel_stats("running_mean", running_mean, input)
+    _check_channel_stats("running_var", running_var, input)
+
+
+def _check_channel_stats(name: str, stats: Optional[Tensor], input: Tensor):
+    if stats is not None and input.dim() == 4 and (stats.dim() != 1 or stats.size(0) != input.size(1)):
+        raise ValueError(f"batch_norm_add_relu: {name} must have one value per channel (shape [{input.size(1)}]), "
+                         f"got shape {list(stats.shape)}")
 
 
 def batch_norm_add_relu(input: Tensor, residual: Optional[Tensor], running_mean: Optional[Tensor],
@@ -45,7 +55,8 @@ def batch_norm_add_relu(input: Tensor, residual: Optional[Tensor], running_mean:
         assert running_mean is not None and running_var is not None
         return _ops.bn_add_relu_eval(input, residual, running_mean, running_var, weight, bias, eps)
     out, mean, invstd = _ops.bn_add_relu_train(input, residual, weight, bias, eps)
-    if running_mean is not None and running_var is not None:
+    # An empty batch leaves the running statistics as they are, as in PyTorch.
+    if running_mean is not None and running_var is not None and input.numel() > 0:
         _update_running_stats(input, mean, invstd, running_mean, running_var, momentum, eps)
     return out
 

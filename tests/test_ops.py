@@ -266,6 +266,53 @@ def test_nan_propagates_like_relu():
 
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("memory_format", FORMATS)
+def test_nan_and_inf_inputs_poison_their_channel_like_batchnorm(training, memory_format):
+    # One NaN or infinite value makes its channel's batch statistics NaN, and so its outputs and running statistics.
+    s = sample_inputs((4, 3, 5, 5), "cpu", torch.float32, memory_format, False, requires_grad=False)
+    s["input"][1, 1, 2, 2] = float("nan")
+    s["input"][2, 2, 0, 0] = float("inf")
+    s["running_var"][0] = float("nan")  # read in eval only
+    ref = clone_sample(s)
+    torch.testing.assert_close(fused(s, training), reference(ref, training), equal_nan=True)
+    torch.testing.assert_close(s["running_mean"], ref["running_mean"], equal_nan=True)
+    torch.testing.assert_close(s["running_var"], ref["running_var"], equal_nan=True)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", [(2, 4, 0, 3), (2, 4, 3, 0), (0, 4, 3, 3)])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_empty_input_gives_empty_output_like_batchnorm(training, shape, with_residual):
+    s = sample_inputs(shape, "cpu", torch.float32, torch.contiguous_format, with_residual)
+    ref = clone_sample(s)
+    out, expected = fused(s, training), reference(ref, training)
+    assert out.shape == expected.shape == shape
+    got = torch.autograd.grad(out.sum(), differentiable(s))
+    want = torch.autograd.grad(expected.sum(), differentiable(ref))
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w)  # zero weight and bias gradients: sums over no values
+    torch.testing.assert_close(s["running_mean"], ref["running_mean"])  # untouched
+    torch.testing.assert_close(s["running_var"], ref["running_var"])
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_no_channels_is_refused(training):
+    s = sample_inputs((2, 0, 3, 3), "cpu", torch.float32, torch.contiguous_format, True, requires_grad=False)
+    with pytest.raises(ValueError, match=r"expected at least one channel, got input of shape \[2, 0, 3, 3\]"):
+        fused(s, training)
+
+
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_double_backward_raises_instead_of_missing_gradients(with_residual):
+    s = sample_inputs((2, 4, 3, 3), "cpu", torch.float64, torch.contiguous_format, with_residual)
+    out = fused(s, training=True)
+    (grad_input,) = torch.autograd.grad(out.pow(2).sum(), s["input"], create_graph=True)
+    with pytest.raises(RuntimeError, match="derivative for resnet_deploy::bn_add_relu_backward is not implemented"):
+        torch.autograd.grad(grad_input.sum(), s["weight"])
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("memory_format", FORMATS)
 def test_opcheck(training, memory_format):
     s = sample_inputs((3, 5, 4, 3), "cpu", torch.float32, memory_format, True)
     if training:
@@ -432,6 +479,14 @@ def test_bad_input_is_refused_clearly(change, error, message):
         fused(s, training=False)
 
 
+def test_running_stats_of_another_channel_count_are_refused_before_the_forward():
+    s = _good()
+    s["running_mean"] = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"running_mean must have one value per channel \(shape \[4\]\), got shape "
+                                         r"\[3\]"):
+        fused(s, training=True)
+
+
 def test_training_needs_more_than_one_value_per_channel():
     s = sample_inputs((1, 4, 1, 1), "cpu", torch.float32, torch.contiguous_format, True, requires_grad=False)
     with pytest.raises(ValueError, match=r"expected more than 1 value per channel when training, got input of shape "
@@ -451,7 +506,7 @@ def test_eval_needs_running_stats():
 def test_operators_registered_for_cpu_and_autograd():
     for name in ("bn_add_relu_train", "bn_add_relu_eval", "bn_add_relu_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"resnet_deploy::{name}", "CPU")
-    for name in ("bn_add_relu_train", "bn_add_relu_eval"):
+    for name in ("bn_add_relu_train", "bn_add_relu_eval", "bn_add_relu_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"resnet_deploy::{name}", "Autograd")
 
 

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <type_traits>
@@ -839,6 +840,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_add_relu_train_cpu(const at::T
   at::Tensor mean = at::empty({a.geom.channels}, stats_options);
   at::Tensor invstd = at::empty({a.geom.channels}, stats_options);
   at::Tensor out = at::empty_like(a.input, a.format);
+  if (a.input.numel() == 0) {  // no values: an empty output, and statistics of nothing (NaN)
+    mean.fill_(NAN);
+    invstd.fill_(NAN);
+    return {out, mean, invstd};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "bn_add_relu_train_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     batch_stats<scalar_t, acc_t>(a.geom, a.input.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(),
@@ -858,6 +864,7 @@ at::Tensor bn_add_relu_eval_cpu(const at::Tensor& input, const std::optional<at:
   const at::Tensor mean = channel_vector(running_mean, input, 0.0);
   const at::Tensor var = channel_vector(running_var, input, 1.0);
   at::Tensor out = at::empty_like(a.input, a.format);
+  if (a.input.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "bn_add_relu_eval_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     std::vector<acc_t> invstd(a.geom.channels);
@@ -879,6 +886,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_backward_
   at::Tensor grad_residual = residual_grad ? at::empty_like(a.input, a.format) : at::empty({0}, input.options());
   at::Tensor grad_weight = at::empty({channels}, a.mean.options());
   at::Tensor grad_bias = at::empty({channels}, a.mean.options());
+  const auto param_dtype = param_grad_dtype(input, weight);
+  if (a.input.numel() == 0) {  // sums over no values
+    return {grad_input, grad_residual, grad_weight.zero_().to(param_dtype), grad_bias.zero_().to(param_dtype)};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "bn_add_relu_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* gy = a.grad_out.data_ptr<scalar_t>();
@@ -901,7 +912,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_relu_backward_
                                                         mean_ptr, invstd_ptr, weight_ptr, nullptr, training, gw, gb);
     }
   });
-  const auto param_dtype = param_grad_dtype(input, weight);
   return {grad_input, grad_residual, grad_weight.to(param_dtype), grad_bias.to(param_dtype)};
 }
 

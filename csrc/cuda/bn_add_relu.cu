@@ -181,6 +181,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_add_relu_train_cuda(const at::
   at::Tensor mean = at::empty({a.geom.channels}, stats_options);
   at::Tensor invstd = at::empty({a.geom.channels}, stats_options);
   at::Tensor out = at::empty_like(a.input, a.format);
+  if (a.input.numel() == 0) {  // no values: an empty output, and statistics of nothing (NaN), as on the CPU
+    mean.fill_(NAN);
+    invstd.fill_(NAN);
+    return {out, mean, invstd};
+  }
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "bn_add_relu_train_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -53,4 +53,4 @@ bench-op: build
 	$(PY) scripts/bench_op.py
 
 clean:
-	rm -rf build *.egg-info resnet_deploy/*.so
+	rm -rf build *.egg-info resnet_deploy/*.so $(VENV)/.built

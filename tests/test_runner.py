@@ -115,6 +115,8 @@ def test_runner_reports_user_errors_in_one_line(runner, tmp_path):
     assert "has no attribute 'input_shape'" in error_of(plain, "--images", images_path)
     assert "--batch-size must be an integer of at least 1" in error_of(model_path, "--images", images_path,
                                                                        "--batch-size", "0")
+    no_images = write_idx(tmp_path / "none.gz", torch.zeros(0, 28, 28, dtype=torch.uint8))
+    assert "no images in" in error_of(model_path, "--images", no_images)
 
 
 def test_runner_keeps_freed_memory_unless_told_not_to(runner, tmp_path):

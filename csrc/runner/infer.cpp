@@ -187,6 +187,7 @@ int run(const Options& o) {
 
   at::Tensor inputs = o.raw.empty() ? preprocess(resnet_deploy::read_idx(o.images, 3), spec) : read_raw(o.raw, spec);
   const int64_t count = inputs.size(0);
+  if (count == 0) throw UsageError("no images in " + (o.raw.empty() ? o.images : o.raw) + "; nothing to predict");
   if (inputs.sizes().slice(1) != at::IntArrayRef(spec.shape)) {
     throw UsageError("images are " + std::to_string(inputs.size(2)) + "x" + std::to_string(inputs.size(3)) +
                      " after pre-processing but the model expects " + std::to_string(spec.shape[1]) + "x" +

@@ -72,7 +72,15 @@ def read_manifest(artifact_dir: Union[str, Path], verify: bool = True) -> Dict[s
         raise ValueError(f"{path} has an invalid input, preprocess or classes entry; expected the manifest.json "
                          f"`resnet-deploy export` writes")
     if verify:
-        for name, digest in manifest.get("sha256", {}).items():
+        digests = manifest.get("sha256")
+        digests = digests if isinstance(digests, dict) else {}
+        # A backend loads these files: without a sum a replaced file would load unchecked.
+        loaded = [manifest["torchscript"]["file"], manifest["onnx"]["file"], *manifest["onnx"].get("external_data", [])]
+        for name in loaded:
+            if name not in digests:
+                raise ValueError(f"{path} has no sha256 for {name}; expected the sha256 of every artifact, as "
+                                 f"`resnet-deploy export` writes them")
+        for name, digest in digests.items():
             file = artifact_dir / name
             if not file.is_file():
                 raise FileNotFoundError(f"{file} is missing; the manifest lists it, so re-run `resnet-deploy export`")
@@ -135,7 +143,11 @@ class Predictor:
 def _jit_load(path: Path, device: str) -> torch.jit.ScriptModule:
     with warnings.catch_warnings():  # TorchScript is deprecated in favour of torch.export; it is still our format
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.*deprecated", category=FutureWarning)
-        return torch.jit.load(str(path), map_location=device)
+        try:
+            return torch.jit.load(str(path), map_location=device)
+        except RuntimeError as error:
+            raise ValueError(f"{path} is not a readable TorchScript file; expected the one `resnet-deploy export` "
+                             f"writes, so re-run it") from error
 
 
 def _torch_runner(model: Callable[[Tensor], Tensor], device: str) -> Callable[[Tensor], Tensor]:
@@ -154,6 +166,7 @@ def _eager_model(artifact_dir: Path, manifest: Dict[str, Any], fused: bool, devi
 
 def _onnxruntime_runner(path: Path, threads: int, cuda: bool):
     import onnxruntime
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidProtobuf
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
@@ -161,7 +174,11 @@ def _onnxruntime_runner(path: Path, threads: int, cuda: bool):
     options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
-    session = onnxruntime.InferenceSession(str(path), options, providers=providers)
+    try:
+        session = onnxruntime.InferenceSession(str(path), options, providers=providers)
+    except InvalidProtobuf as error:
+        raise ValueError(f"{path} is not a readable ONNX model; expected the one `resnet-deploy export` writes, so "
+                         f"re-run it") from error
     input_name, output_name = session.get_inputs()[0].name, session.get_outputs()[0].name
 
     def run(batch: Tensor) -> Tensor:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_export import small_model
 
-from resnet_deploy import data, export, runtime
+from resnet_deploy import cli, data, export, runtime
 
 _ARTIFACTS = {}
 
@@ -135,3 +135,42 @@ def test_refusals(artifacts, tmp_path, images):
         predictor.predict(torch.zeros(2, 1, 32, 32))
     with pytest.raises(ValueError, match="images must be uint8 pixels"):
         predictor.preprocess(images.astype(np.float32))
+
+
+@pytest.mark.parametrize("manifest_edit", ["no sha256 section", "onnx not listed", "torchscript not listed"])
+def test_every_loaded_artifact_needs_a_sha256(artifacts, tmp_path, manifest_edit):
+    copy = tmp_path / "copy"
+    shutil.copytree(artifacts, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    if manifest_edit == "no sha256 section":
+        del manifest["sha256"]
+        missing = "model.torchscript.pt"
+    else:
+        missing = "model.onnx" if manifest_edit == "onnx not listed" else "model.torchscript.pt"
+        del manifest["sha256"][missing]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    (copy / missing).write_bytes(b"replaced after export")  # unchecked, this would reach the loader
+    with pytest.raises(ValueError, match=f"manifest.json has no sha256 for {missing}; expected the sha256 of every"):
+        runtime.load(copy, "onnxruntime" if missing == "model.onnx" else "torchscript")
+
+
+@pytest.mark.parametrize("backend,file", [("onnxruntime", "model.onnx"), ("torchscript", "model.torchscript.pt"),
+                                          ("eager", "model.torchscript.pt")])
+def test_corrupt_artifacts_are_refused_in_one_sentence(artifacts, tmp_path, backend, file, capsys):
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(artifacts, corrupt)
+    (corrupt / file).write_bytes((corrupt / file).read_bytes()[:100])  # truncated
+    with pytest.raises(ValueError, match=f"{file} is not a readable (TorchScript file|ONNX model); expected") as error:
+        runtime.load(corrupt, backend, verify=False)
+    assert error.value.__cause__ is not None  # the loader's own error stays available (RESNET_DEPLOY_DEBUG=1)
+    # with sums that match the corrupt file (a manifest rewritten by hand), the command line still says it in a line
+    manifest = json.loads((corrupt / "manifest.json").read_text())
+    manifest["sha256"][file] = export.sha256(corrupt / file)
+    (corrupt / "manifest.json").write_text(json.dumps(manifest))
+    images_path = tmp_path / "images.npy"
+    np.save(images_path, np.zeros((2, 28, 28), np.uint8))
+    assert cli.main(["infer", str(corrupt), "--input", str(images_path), "--output", str(tmp_path / "p.csv"),
+                     "--backend", backend, "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("resnet-deploy infer: error: ") and f"{file} is not a readable" in err
+    assert "\n" not in err

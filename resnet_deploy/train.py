@@ -91,6 +91,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 RUNTIME_FIELDS = ("out", "data_dir", "download", "resume", "threads", "progress")
 
 CHECKPOINT, METRICS, CURVES = "checkpoint.pt", "metrics.json", "curves.png"
+RESUME_KEYS = ("train_config", "optimizer", "scheduler", "rng", "metrics")  # beyond what export needs
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -156,6 +157,10 @@ def evaluate(model: nn.Module, loader: data.Loader) -> torch.Tensor:
 
 def _resume_config(config: TrainConfig, saved: Dict[str, Any], given: Dict[str, Any]) -> TrainConfig:
     """The saved run's config, with the runtime fields of this invocation; other flags must agree with it."""
+    unknown = [str(name) for name in saved if name not in config_fields()]
+    if unknown:
+        raise ValueError(f"--resume: the checkpoint's train_config has unknown settings {', '.join(unknown)}; "
+                         f"expected the settings `resnet-deploy train` saves")
     for name, value in given.items():
         if name not in RUNTIME_FIELDS and name in saved and saved[name] != value:
             raise ValueError(f"--resume continues the run as it was configured, but {name}={value!r} differs "
@@ -176,6 +181,10 @@ def train(config: TrainConfig, given: Optional[Dict[str, Any]] = None) -> nn.Mod
         if not checkpoint_path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path}; run without --resume to start")
         checkpoint = load_checkpoint(checkpoint_path)
+        missing = [key for key in RESUME_KEYS if key not in checkpoint]
+        if missing:
+            raise ValueError(f"--resume: {checkpoint_path} lacks {', '.join(missing)}; expected a checkpoint written "
+                             f"by `resnet-deploy train`, which saves what resuming needs")
         config = _resume_config(config, checkpoint["train_config"], given or {})
     elif checkpoint_path.exists():
         raise FileExistsError(f"{out} already holds a run ({CHECKPOINT}); pass --resume to continue it "

@@ -215,3 +215,22 @@ def test_refuses_missing_or_foreign_sources(tmp_path, capsys):
     assert cli.main(["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")]) == 1
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and error[0].startswith("resnet-deploy export: error: ")
+
+
+@pytest.mark.parametrize("edit,message", [
+    ({"drop": "num_classes"}, "missing keys num_classes;"),
+    ({"add": "depth"}, "unexpected keys depth;"),
+    ({"drop": "arch", "add": "width"}, "missing keys arch and unexpected keys width;"),
+])
+def test_refuses_a_malformed_model_entry(tmp_path, capsys, edit, message):
+    model = small_model()
+    config = dict(model.config)
+    config.pop(edit.get("drop"), None)
+    if "add" in edit:
+        config[edit["add"]] = 1
+    path = write_checkpoint(tmp_path / "a.pt", model, config=config)
+    assert cli.main(["export", str(path), "--out", str(tmp_path / "out")]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith(f"resnet-deploy export: error: {path} has a model entry with ")
+    assert message in error[0]
+    assert not (tmp_path / "out").exists()

@@ -233,3 +233,23 @@ def test_torchrun_trains_with_ddp_on_two_processes(dataset_dir, tmp_path):
     assert metrics["world_size"] == 2 and len(metrics["epochs"]) == 2
     assert result.stdout.count("epoch 2/2: loss") == 1  # logging from rank 0 only
     assert "x2" in result.stdout
+
+
+@pytest.mark.parametrize("edit, message", [
+    ("drop train_config", "lacks train_config; expected a checkpoint written by `resnet-deploy train`"),
+    ("unknown setting", "the checkpoint's train_config has unknown settings width; expected"),
+])
+def test_resume_refuses_a_checkpoint_it_cannot_continue(dataset_dir, tmp_path, capsys, edit, message):
+    assert cli.main(tiny_argv(dataset_dir, tmp_path / "run")) == 0
+    path = tmp_path / "run" / "checkpoint.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    if edit == "drop train_config":
+        del checkpoint["train_config"]
+    else:
+        checkpoint["train_config"]["width"] = 2
+    torch.save(checkpoint, path)
+    capsys.readouterr()
+    assert cli.main(tiny_argv(dataset_dir, tmp_path / "run", "--resume")) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("resnet-deploy train: error: --resume: ")
+    assert message in error[0]

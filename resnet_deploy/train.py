@@ -63,8 +63,10 @@ class TrainConfig:
         require(self.optimizer in ("sgd", "adamw"), f"unknown optimizer {self.optimizer!r}; expected sgd or adamw")
         require(self.schedule in ("onecycle", "constant"),
                 f"unknown schedule {self.schedule!r}; expected onecycle or constant")
-        for name in ("epochs", "batch_size"):
-            require(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
+        require(self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}")
+        # BatchNorm in training mode needs more than one value per channel: at 28x28 the last stage's maps are 1x1
+        require(self.batch_size >= 2, f"batch_size must be at least 2 (BatchNorm needs two images to normalize "
+                                      f"over), got {self.batch_size}")
         require(self.image_size >= 8, f"image_size must be at least 8 pixels, got {self.image_size}")
         require(self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr}")
         require(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")

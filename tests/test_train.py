@@ -253,3 +253,30 @@ def test_resume_refuses_a_checkpoint_it_cannot_continue(dataset_dir, tmp_path, c
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and error[0].startswith("resnet-deploy train: error: --resume: ")
     assert message in error[0]
+
+
+def test_batch_size_below_two_is_rejected_before_anything_is_written(dataset_dir, tmp_path, capsys):
+    argv = ["train", "--data-dir", str(dataset_dir), "--out", str(tmp_path / "run"), "--epochs", "1",
+            "--image-size", "16", "--threads", "1", "--no-progress", "--no-download", "--batch-size", "1"]
+    assert cli.main(argv) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == ["resnet-deploy train: error: batch_size must be at least 2 (BatchNorm needs two images to "
+                     "normalize over), got 1"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_training_never_sees_a_batch_of_one(dataset_dir, tmp_path, monkeypatch):
+    # 64 training images in batches of 3 leave one over: it must be dropped, not trained on alone
+    sizes = []
+    forward = models.ResNet.forward
+
+    def record(self, x):
+        if self.training:
+            sizes.append(len(x))
+        return forward(self, x)
+
+    monkeypatch.setattr(models.ResNet, "forward", record)
+    config = TrainConfig(data_dir=str(dataset_dir), out=str(tmp_path / "run"), epochs=1, batch_size=3,
+                         image_size=16, threads=1, progress=False, download=False, schedule="constant")
+    training.train(config)
+    assert sizes == [3] * (64 // 3)

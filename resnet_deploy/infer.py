@@ -73,7 +73,9 @@ class PredictionWriter:
 
 
 def _check_labels(labels: np.ndarray, start: int, source: inputs.InputSource, classes: Sequence[str]) -> None:
-    bad = np.flatnonzero(labels >= len(classes))
+    # A folder marks images whose folder names no class with -1; a labels file must give every image a class.
+    lowest = 0 if source.labels_path else -1
+    bad = np.flatnonzero((labels < lowest) | (labels >= len(classes)))
     if len(bad):
         raise ValueError(f"{source.labels_path} has label {int(labels[bad[0]])} for image {start + int(bad[0])}; "
                          f"expected labels 0 to {len(classes) - 1}, one per class of the model")

@@ -223,3 +223,15 @@ def test_command_line(artifacts, tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 1 and "Traceback" not in captured.err
     assert captured.err.strip().startswith("resnet-deploy infer: error: input") and captured.err.count("\n") == 1
+
+
+def test_labels_outside_the_classes_are_refused(artifacts, tmp_path, capsys):
+    np.save(tmp_path / "images.npy", np.zeros((4, 28, 28), np.uint8))
+    np.save(tmp_path / "labels.npy", np.array([0, 1, -3, 2]))
+    out = tmp_path / "p.csv"
+    code = cli.main(["infer", str(artifacts), "--input", str(tmp_path / "images.npy"), "--labels",
+                     str(tmp_path / "labels.npy"), "--output", str(out), "--no-progress"])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(error) == 1
+    assert "labels.npy has label -3 for image 2; expected labels 0 to 9" in error[0]
+    assert not out.exists()

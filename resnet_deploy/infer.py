@@ -97,6 +97,8 @@ def infer(artifact_dir: Union[str, Path], input_path: Union[str, Path], output: 
     manifest = runtime.read_manifest(artifact_dir, verify=False)  # load() verifies; here: fail early on bad input
     classes = manifest["classes"]
     source = inputs.open_input(input_path, classes, labels)
+    if source.count == 0:
+        raise ValueError(f"no images found in {source.path} (it holds 0); expected at least one image to predict")
     predictor = runtime.load(artifact_dir, backend, threads=threads)
     log(f"predicting {source.count} images of {source.path} ({source.kind}"
         f"{', labels from ' + str(source.labels_path) if source.labels_path else ''}) with {predictor.backend}, "
@@ -126,6 +128,9 @@ def infer(artifact_dir: Union[str, Path], input_path: Union[str, Path], output: 
             tqdm.write(f"unreadable image skipped: {name} ({reason})")
         bar.update(seen + len(source.unreadable) - bar.n)
         bar.close()
+        if seen == 0:  # an empty predictions file would pass for a result; the writer's abort leaves none
+            raise ValueError(f"no readable images in {source.path}: all {len(source.unreadable)} image files failed "
+                             f"to decode; expected at least one readable PNG or JPEG image")
         seconds = time.perf_counter() - started
         labelled = int(confusion.sum())
         summary = {

@@ -235,3 +235,27 @@ def test_labels_outside_the_classes_are_refused(artifacts, tmp_path, capsys):
     assert code == 1 and len(error) == 1
     assert "labels.npy has label -3 for image 2; expected labels 0 to 9" in error[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["unreadable folder", "empty npy", "empty idx"])
+def test_inputs_with_nothing_to_predict_are_refused(artifacts, tmp_path, capsys, kind):
+    if kind == "unreadable folder":
+        path = tmp_path / "images"
+        (path / "sneaker").mkdir(parents=True)
+        (path / "a.png").write_bytes(b"not a png")
+        (path / "sneaker" / "b.jpg").write_bytes(b"\xff\xd8 cut")
+        message = f"no readable images in {path}: all 2 image files failed to decode"
+    elif kind == "empty npy":
+        path = tmp_path / "images.npy"
+        np.save(path, np.zeros((0, 28, 28), np.uint8))
+        message = f"no images found in {path}"
+    else:
+        path = write_idx(tmp_path / "t10k-images-idx3-ubyte", torch.zeros((0, 28, 28), dtype=torch.uint8))
+        message = f"no images found in {path}"
+    out = tmp_path / "p.csv"
+    out.write_text("earlier predictions\n")
+    code = cli.main(["infer", str(artifacts), "--input", str(path), "--output", str(out), "--no-progress"])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(error) == 1 and error[0].startswith(f"resnet-deploy infer: error: {message}")
+    assert out.read_text() == "earlier predictions\n"  # not overwritten
+    assert not list(tmp_path.glob(".p.csv*"))

@@ -4,9 +4,10 @@
              them. Labels: --labels, or else the sibling file named with "labels-idx1" for "images-idx3".
   .npy file  a uint8 array (N, H, W), (N, 1, H, W) or one image (H, W), read through a memory map.
              Labels: --labels (.npy or idx).
-  folder     PNG and JPEG images, searched recursively in name order, converted to 8-bit grayscale. An image
-             in a folder named after a class (case, spaces and punctuation aside: "t-shirt_top" is
-             "T-shirt/top") has that label. Files that do not decode are skipped and listed in `unreadable`.
+  folder     PNG and JPEG images, searched recursively in name order, converted to 8-bit grayscale (16-bit
+             grayscale scaled from 0..65535). An image in a folder named after a class (case, spaces and
+             punctuation aside: "t-shirt_top" is "T-shirt/top") has that label. Files that do not decode
+             are skipped and listed in `unreadable`.
 
 open_input(path, classes, labels) checks what it can before the first batch (headers, shapes, dtypes,
 counts) and raises one-sentence ValueErrors; InputSource.batches(batch_size) yields Batch objects.
@@ -190,6 +191,11 @@ def read_image(path: Path) -> np.ndarray:
 
     with Image.open(path) as image:
         image.load()  # decode now, so a truncated file fails here
+        if image.mode.startswith("I"):
+            # 16-bit grayscale ("I;16"; older Pillow opens 16-bit PNGs as 32-bit "I"): convert("L") would clip
+            # at 255, so scale 0..65535 to 0..255 instead, rounded, which maps v * 257 back to v.
+            pixels = np.asarray(image).astype(np.int64).clip(0, 65535)
+            return ((pixels * 255 + 32767) // 65535).astype(np.uint8)
         return np.asarray(image.convert("L"))
 
 

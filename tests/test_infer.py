@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_dataset, write_idx
+from conftest import REAL_DATASET, make_dataset, requires_real_dataset, write_idx
 from PIL import Image
 from test_runtime import shared_artifacts
 
@@ -259,3 +259,19 @@ def test_inputs_with_nothing_to_predict_are_refused(artifacts, tmp_path, capsys,
     assert code == 1 and len(error) == 1 and error[0].startswith(f"resnet-deploy infer: error: {message}")
     assert out.read_text() == "earlier predictions\n"  # not overwritten
     assert not list(tmp_path.glob(".p.csv*"))
+
+
+@requires_real_dataset
+def test_16_bit_grayscale_images_read_as_their_8_bit_originals(tmp_path):
+    originals = data.read_idx(REAL_DATASET / "t10k-images-idx3-ubyte.gz", ndim=3)[:4].numpy()
+    for i, pixels in enumerate(originals):
+        Image.fromarray(pixels).save(tmp_path / f"{i}-8.png")
+        Image.fromarray(pixels.astype(np.uint16) * 257).save(tmp_path / f"{i}-16.png")  # 255 -> 65535
+        Image.fromarray(pixels.astype(np.int32) * 257).save(tmp_path / f"{i}-32.tif")
+        assert Image.open(tmp_path / f"{i}-16.png").mode == "I;16"
+        assert Image.open(tmp_path / f"{i}-32.tif").mode == "I"
+        for name in (f"{i}-8.png", f"{i}-16.png", f"{i}-32.tif"):
+            np.testing.assert_array_equal(inputs.read_image(tmp_path / name), pixels)
+    # scaled, rounded to the nearest 8-bit value: 65535 is 255, 32767 is 127.498 -> 127, 32896 is 128
+    Image.fromarray(np.array([[0, 128, 129, 32767, 32896, 65535]], np.uint16)).save(tmp_path / "edge.png")
+    np.testing.assert_array_equal(inputs.read_image(tmp_path / "edge.png"), [[0, 0, 1, 127, 128, 255]])

@@ -3,8 +3,8 @@
 Each subcommand is an add_<name>_parser(subparsers) function that declares its flags and sets a handler;
 a handler takes the parsed arguments and does the work, importing its stage's module only when it runs.
 Errors a user can cause (ValueError, OSError) are printed as one line, without a traceback, and exit 1;
-RESNET_DEPLOY_DEBUG=1 shows the traceback. Every subcommand keeps freed memory for reuse
-(resnet_deploy.allocator) unless --system-malloc is given.
+RESNET_DEPLOY_DEBUG=1 (any value but "" and "0") shows the traceback. Every subcommand keeps freed memory
+for reuse (resnet_deploy.allocator) unless --system-malloc is given.
 """
 import argparse
 import os
@@ -104,7 +104,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         args.handler(args)
     except (ValueError, OSError) as error:
-        if os.environ.get("RESNET_DEPLOY_DEBUG"):
+        if os.environ.get("RESNET_DEPLOY_DEBUG", "") not in ("", "0"):
             raise
         print(f"resnet-deploy {args.command}: error: {error}", file=sys.stderr)
         return 1

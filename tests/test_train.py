@@ -280,3 +280,16 @@ def test_training_never_sees_a_batch_of_one(dataset_dir, tmp_path, monkeypatch):
                          image_size=16, threads=1, progress=False, download=False, schedule="constant")
     training.train(config)
     assert sizes == [3] * (64 // 3)
+
+
+@pytest.mark.parametrize("value, shows_traceback", [("", False), ("0", False), ("1", True), ("yes", True)])
+def test_debug_variable_shows_tracebacks_unless_empty_or_zero(tmp_path, monkeypatch, capsys, value,
+                                                              shows_traceback):
+    monkeypatch.setenv("RESNET_DEPLOY_DEBUG", value)
+    argv = ["train", "--out", str(tmp_path / "run"), "--no-download"]  # no dataset anywhere: a user error
+    if shows_traceback:
+        with pytest.raises(OSError, match="Fashion-MNIST not found"):
+            cli.main(argv)
+    else:
+        assert cli.main(argv) == 1
+        assert capsys.readouterr().err.startswith("resnet-deploy train: error: Fashion-MNIST not found")

@@ -202,7 +202,11 @@ def bench(artifact_dir: Union[str, Path], out: Union[str, Path], backends: Seque
     _check_settings(backends, batch_sizes, threads, min_time_s, max_time_s)
     manifest = runtime.read_manifest(artifact_dir)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file in the way: say it is --out, not just "[Errno 17] File exists"
+        raise OSError(f"--out {out} cannot be used as the output directory ({error.strerror}); expected a "
+                      f"directory, or a path where one can be created") from error
     settings = {"backends": list(backends), "batch_sizes": list(batch_sizes), "threads": threads,
                 "warmup_s": warmup_s, "min_time_s": min_time_s, "max_time_s": max_time_s, "min_runs": min_runs,
                 "max_runs": max_runs, "tolerance": tolerance}

@@ -128,3 +128,12 @@ def test_refusals(artifacts, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", str(artifacts), "--out", str(tmp_path), "--batch-sizes", "1,x"])
     assert "expected positive integers separated by commas, like 1,8,64; got '1,x'" in capsys.readouterr().err
+
+
+def test_out_that_is_a_file_is_named_in_the_error(artifacts, tmp_path, capsys):
+    (tmp_path / "x").write_text("not a directory")
+    assert cli.main(["bench", str(artifacts), "--out", str(tmp_path / "x"), "--backends", "eager"]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == [f"resnet-deploy bench: error: --out {tmp_path / 'x'} cannot be used as the output directory "
+                     f"(File exists); expected a directory, or a path where one can be created"]
+    assert (tmp_path / "x").read_text() == "not a directory"

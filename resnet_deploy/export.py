@@ -178,12 +178,14 @@ def export_onnx(model: nn.Module, example: Tensor, path: Path) -> List[Path]:
 
 # ----------------------------------------------------------------------------------------------- parity
 def parity_images(count: int, input_config: Dict[str, Any], in_channels: int,
-                  data_dir: Optional[Union[str, Path]] = None, seed: int = 0) -> Tuple[Tensor, Optional[Tensor], str]:
+                  data_dir: Optional[Union[str, Path]] = None, seed: int = 0,
+                  log: Optional[Callable[[str], None]] = None) -> Tuple[Tensor, Optional[Tensor], str]:
     """(inputs, labels or None, where they came from): the first `count` Fashion-MNIST test images,
-    pre-processed as in training, or seeded synthetic 28x28 images when the dataset is absent."""
+    pre-processed as in training, or seeded synthetic 28x28 images when the dataset is absent. log is told,
+    as in training, where the dataset was found and which configured places (a mistyped data_dir) were passed over."""
     labels = None
     try:
-        files = data.find_dataset(data_dir, download=False)
+        files = data.find_dataset(data_dir, download=False, log=log)
         images = data.read_idx(files["test_images"], ndim=3)[:count]
         labels = data.read_idx(files["test_labels"], ndim=1)[:count].long()
         source = f"{len(images)} Fashion-MNIST test images from {files['test_images'].parent}"
@@ -209,7 +211,8 @@ def compare(reference: Callable[[Tensor], Tensor], candidates: Dict[str, Callabl
     """Top-1 agreement and largest logit difference of every candidate against the reference, at each
     batch size; passed when agreement is 100% and every difference is at most max_logit_diff."""
     checks = []
-    for batch_size in batch_sizes:
+    # A batch size above the number of images runs as one batch of them all: report the size that ran.
+    for batch_size in sorted({min(size, len(inputs)) for size in batch_sizes}):
         expected = _run_batched(reference, inputs, batch_size)
         for name, run in candidates.items():
             logits = _run_batched(run, inputs, batch_size)
@@ -290,7 +293,7 @@ def export_model(model: nn.Module, out: Union[str, Path], input_config: Dict[str
     onnx_files = export_onnx(model, example, out / ONNX)
     log(f"wrote {', '.join(str(p) for p in onnx_files)} (opset {OPSET}, passes onnx.checker full_check)")
 
-    inputs, labels, image_source = parity_images(parity_count, input_config, in_channels, data_dir)
+    inputs, labels, image_source = parity_images(parity_count, input_config, in_channels, data_dir, log=log)
     reference, candidates = _runtimes(model, out / TORCHSCRIPT, out / ONNX)
     with torch.inference_mode():
         report = {"source": image_source, "export_batch_size": EXPORT_BATCH,

@@ -11,7 +11,7 @@ import onnx
 import onnxruntime
 import pytest
 import torch
-from conftest import REAL_DATASET, requires_real_dataset
+from conftest import REAL_DATASET, make_dataset, requires_real_dataset
 from test_models import randomize_batch_norms
 
 import resnet_deploy  # noqa: F401  (loads the operators)
@@ -234,3 +234,33 @@ def test_refuses_a_malformed_model_entry(tmp_path, capsys, edit, message):
     assert len(error) == 1 and error[0].startswith(f"resnet-deploy export: error: {path} has a model entry with ")
     assert message in error[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_parity_checks_report_the_batch_sizes_that_ran():
+    ran = []
+
+    def candidate(x):
+        ran.append(len(x))
+        return x
+
+    report = export.compare(lambda x: x, {"same": candidate}, torch.randn(5, 4), batch_sizes=(1, 7))
+    assert sorted(set(ran)) == [1, 5]  # 7 asked, but 5 images make one batch of 5
+    assert [check["batch_size"] for check in report["checks"]] == [1, 5]
+    report = export.compare(lambda x: x, {"same": candidate}, torch.randn(1, 4), batch_sizes=(1, 7))
+    assert [check["batch_size"] for check in report["checks"]] == [1]
+
+
+def test_export_says_when_it_passes_over_a_missing_data_dir_as_train_does(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data, "SYSTEM_DIR", make_dataset(tmp_path / "system"))
+    checkpoint = write_checkpoint(tmp_path / "checkpoint.pt", small_model())
+    missing = tmp_path / "nonexistent"
+    assert cli.main(["export", str(checkpoint), "--out", str(tmp_path / "out"), "--parity-images", "5",
+                     "--data-dir", str(missing)]) == 0
+    printed = capsys.readouterr().out
+    note = f"Fashion-MNIST from {tmp_path / 'system'} (passed over --data-dir {missing} (does not exist))"
+    assert note in printed
+    assert "batch 5 " in printed and "batch 7" not in printed
+    assert cli.main(["train", "--data-dir", str(missing), "--out", str(tmp_path / "run"), "--epochs", "1",
+                     "--batch-size", "8", "--image-size", "16", "--threads", "1", "--no-progress",
+                     "--no-download"]) == 0
+    assert note in capsys.readouterr().out  # the same note in training

@@ -33,7 +33,8 @@ bench.json, schema_version 1:
                     rss_growth_mb                                that peak less the resident memory before loading:
                                                                  what the predictor added (memory freed earlier
                                                                  in the process may be reused, so a lower bound)
-  errors          [{backend, threads, error}] of predictors that failed to load or run (the others still run)
+  errors          [{backend, threads, error, traceback}] of predictors that failed to load or run (the others
+                  still run); traceback: the failure's traceback, at most 5 frames
   op_benchmark    op_benchmark.run's report (fused operator vs eager vs torch.compile), or null
 """
 import argparse

@@ -20,9 +20,9 @@ _ops = torch.ops.resnet_deploy
 def _check_inputs(input: Tensor, residual: Optional[Tensor], running_mean: Optional[Tensor],
                   running_var: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
                   training: bool):
-    # Shape and dtype errors are raised by the C++ operators, except the running statistics' (below). Devices are
-    # checked here because a tensor on another device sends the call to that device's kernel before any C++ check
-    # can run.
+    # Shape and dtype errors are raised by the C++ operators, except the running statistics' in training (below).
+    # Devices are checked here because a tensor on another device sends the call to that device's kernel before
+    # any C++ check can run.
     tensors: List[Optional[Tensor]] = [residual, running_mean, running_var, weight, bias]
     for other in tensors:
         if other is not None and other.device != input.device:
@@ -30,9 +30,9 @@ def _check_inputs(input: Tensor, residual: Optional[Tensor], running_mean: Optio
                              f"got one on {other.device}")
     if not training and (running_mean is None or running_var is None):
         raise ValueError("batch_norm_add_relu: eval mode (training=False) needs running_mean and running_var")
-    # Checked before the forward: in training the running statistics are only read by the update after it.
-    _check_channel_stats("running_mean", running_mean, input)
-    _check_channel_stats("running_var", running_var, input)
+    if training:  # checked before the forward: only the update after it reads them (eval's operator checks them)
+        _check_channel_stats("running_mean", running_mean, input)
+        _check_channel_stats("running_var", running_var, input)
 
 
 def _check_channel_stats(name: str, stats: Optional[Tensor], input: Tensor):

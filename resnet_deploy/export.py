@@ -81,22 +81,6 @@ def _input_config(checkpoint: Dict[str, Any], path: Path) -> Dict[str, Any]:
     return {"size": [int(s) for s in size], "mean": float(spec["mean"]), "std": float(spec["std"])}
 
 
-MODEL_KEYS = ("arch", "in_channels", "num_classes", "fused")  # build_model's arguments; fused may be absent
-
-
-def _check_model_config(config: Any, path: Path) -> None:
-    """Refuse a model entry build_model cannot take, naming the keys instead of a KeyError or TypeError."""
-    expected = "{'arch', 'in_channels', 'num_classes', 'fused'} as `resnet-deploy train` writes it"
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} has model {config!r}; expected a dict {expected}")
-    missing = [key for key in MODEL_KEYS[:3] if key not in config]
-    unexpected = [str(key) for key in config if key not in MODEL_KEYS]
-    if missing or unexpected:
-        problems = [f"{what} {', '.join(keys)}" for what, keys in
-                    (("missing keys", missing), ("unexpected keys", unexpected)) if keys]
-        raise ValueError(f"{path} has a model entry with {' and '.join(problems)}; expected {expected}")
-
-
 def load_model(source: Union[str, Path]) -> Tuple[nn.Module, Dict[str, Any]]:
     """(the fused eval model, its description) from a run directory or checkpoint file.
 
@@ -105,7 +89,6 @@ def load_model(source: Union[str, Path]) -> Tuple[nn.Module, Dict[str, Any]]:
     """
     path = _resolve_checkpoint(source)
     checkpoint = load_checkpoint(path)
-    _check_model_config(checkpoint["model"], path)
     config = dict(checkpoint["model"], fused=True)
     model = build_model(**config)
     _check_state_dict(model, checkpoint["state_dict"], path)

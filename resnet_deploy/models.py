@@ -134,6 +134,20 @@ def build_model(arch: str = "resnet18", in_channels: int = 1, num_classes: int =
 #   epoch       epochs completed
 # and, for resuming, train_config, optimizer, scheduler, rng, metrics.
 CHECKPOINT_KEYS = ("model", "state_dict", "classes", "input", "epoch")
+MODEL_KEYS = ("arch", "in_channels", "num_classes", "fused")  # build_model's arguments; fused may be absent
+
+
+def _check_model_config(config: Any, path: Path) -> None:
+    """Refuse a model entry build_model cannot take, naming the keys instead of a KeyError or TypeError."""
+    expected = "{'arch', 'in_channels', 'num_classes', 'fused'} as `resnet-deploy train` writes it"
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} has model {config!r}; expected a dict {expected}")
+    missing = [key for key in MODEL_KEYS[:3] if key not in config]
+    unexpected = [str(key) for key in config if key not in MODEL_KEYS]
+    if missing or unexpected:
+        problems = [f"{what} {', '.join(keys)}" for what, keys in
+                    (("missing keys", missing), ("unexpected keys", unexpected)) if keys]
+        raise ValueError(f"{path} has a model entry with {' and '.join(problems)}; expected {expected}")
 
 
 def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
@@ -150,6 +164,7 @@ def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.devic
     missing = [key for key in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
     if missing:
         raise ValueError(f"{path} lacks {', '.join(missing)}; expected a checkpoint written by `resnet-deploy train`")
+    _check_model_config(checkpoint["model"], path)
     return checkpoint
 
 

@@ -347,21 +347,28 @@ def end_to_end(image_size: int = 96, train_batch: int = 64, eval_batches=(1, 8, 
     shared machine's noise: min_run_time seconds per model for the training step (about 25 steps of 0.8 s in
     ten interleaved rounds), a quarter of that per model and batch size for eval. Each eval row also profiles
     a few forwards of both models to say where the time goes (forward_breakdown_ms): the normalization sites
-    (fused op, or BatchNorm, add and ReLU), convolutions, max-pooling and the rest."""
+    (fused op, or BatchNorm, add and ReLU), convolutions, max-pooling and the rest.
+
+    A second unfused model with the same weights is timed in the same rounds: its ratio to the first
+    ("a_a_ratio", ideally 1.00) is how far two identical models land apart in this run, the noise floor
+    against which a "speedup" of a few percent is to be read."""
     from resnet_deploy.models import resnet18
 
     fmt = FORMATS[memory_format]
-    models = {"fused": resnet18(fused=True), "unfused": resnet18(fused=False)}
+    models = {"fused": resnet18(fused=True), "unfused": resnet18(fused=False), "unfused again": resnet18(fused=False)}
     models["unfused"].load_state_dict(models["fused"].state_dict())
+    models["unfused again"].load_state_dict(models["fused"].state_dict())
     for model in models.values():
         model.to(memory_format=fmt)
     rows = []
 
     def add(mode, batch, times):
         rows.append({"mode": mode, "batch_size": batch, "fused_ms": times["fused"], "unfused_ms": times["unfused"],
-                     "speedup": times["unfused"] / times["fused"]})
+                     "speedup": times["unfused"] / times["fused"],
+                     "unfused_again_ms": times["unfused again"],
+                     "a_a_ratio": times["unfused again"] / times["unfused"]})
         log(f"  {mode:12s} batch {batch:3d}: fused {times['fused']:8.2f} ms  unfused {times['unfused']:8.2f} ms  "
-            f"speedup {rows[-1]['speedup']:.2f}x")
+            f"speedup {rows[-1]['speedup']:.2f}x  (unfused again: {rows[-1]['a_a_ratio']:.2f}x the unfused)")
 
     images = torch.randn(train_batch, 1, image_size, image_size).contiguous(memory_format=fmt)
     labels = torch.randint(0, 10, (train_batch,))
@@ -387,7 +394,7 @@ def end_to_end(image_size: int = 96, train_batch: int = 64, eval_batches=(1, 8, 
                 return model(batch_images)
         add("eval", batch, interleaved_medians_ms({name: partial(infer, model) for name, model in models.items()},
                                                   min_run_time / 4, rounds=2 * ROUNDS))
-        breakdown = {name: forward_breakdown_ms(model, batch_images) for name, model in models.items()}
+        breakdown = {name: forward_breakdown_ms(models[name], batch_images) for name in ("fused", "unfused")}
         rows[-1]["breakdown_ms"] = breakdown
         log("    per forward (profiled), fused / unfused: " + ", ".join(
             f"{part} {breakdown['fused'][part]:.2f} / {breakdown['unfused'][part]:.2f} ms"

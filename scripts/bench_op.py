@@ -34,7 +34,8 @@ def main():
                         help="time every fused site of ResNet-18 at 96x96, batch 64, instead of --shape")
     parser.add_argument("--end-to-end", action="store_true",
                         help="also time fused vs unfused ResNet-18 (96x96): a training step at batch 64 and "
-                             "eval at batch 1, 8, 64, with a profile of where each eval forward spends its time")
+                             "eval at batch 1, 8, 64, with a profile of where each eval forward spends its time, "
+                             "and a second unfused model in the same rounds: how far identical models land apart")
     parser.add_argument("--compare-stores", action="store_true",
                         help="also time the fused op with streaming against normal stores for its outputs "
                              "(interleaved in this process), at the first --shape")

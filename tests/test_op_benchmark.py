@@ -100,3 +100,16 @@ def test_op_table_renders_reports_saved_before_the_builtin_column():
              "fused_faults": 0, "eager_faults": 0, "speedup_vs_eager": 2.0, "eager_vs_bound": 4.0}
     assert "| eval forward | 1.000 | 2.000 | - | - | 0.500 | 2.00x | 2.00x | 4.00x |" in bench.op_table(
         {"results": [saved]})
+
+
+def test_end_to_end_times_fused_unfused_and_a_second_unfused_model_in_the_same_rounds():
+    report = op_benchmark.end_to_end(image_size=32, train_batch=2, eval_batches=(1, 2), min_run_time=0.05,
+                                     log=lambda line: None)
+    rows = report["results"]
+    assert [(r["mode"], r["batch_size"]) for r in rows] == [("train step", 2), ("eval", 1), ("eval", 2)]
+    for row in rows:
+        assert row["fused_ms"] > 0 and row["unfused_ms"] > 0 and row["unfused_again_ms"] > 0
+        assert row["speedup"] == pytest.approx(row["unfused_ms"] / row["fused_ms"])
+        assert row["a_a_ratio"] == pytest.approx(row["unfused_again_ms"] / row["unfused_ms"])
+    # eval rows say where each model's forward spends its time; the second unfused model is timed only
+    assert all(set(r["breakdown_ms"]) == {"fused", "unfused"} for r in rows[1:])

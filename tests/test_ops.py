@@ -187,8 +187,10 @@ def streaming_stores():
 
 
 # Streamed outputs: NCHW planes with unaligned heads and tails (odd sizes) and planes over one 2048-value tile;
-# channels_last rows of whole cache lines (C a multiple of 16) and of partial ones (stored normally).
-STREAMING_SHAPES = [(2, 3, 5, 7), (3, 17, 9, 11), (2, 16, 50, 50), (3, 32, 7, 5), (2, 48, 9, 9), (1, 4096, 1, 2)]
+# channels_last rows of whole cache lines (C a multiple of 16; 64 and 128 are compiled as constants, their tiles of
+# rows ending in a partial one here) and of partial ones (stored normally).
+STREAMING_SHAPES = [(2, 3, 5, 7), (3, 17, 9, 11), (2, 16, 50, 50), (3, 32, 7, 5), (2, 48, 9, 9), (2, 64, 9, 9),
+                    (2, 128, 5, 5), (1, 4096, 1, 2)]
 
 
 @pytest.mark.parametrize("shape,memory_format,with_residual,training", [

@@ -61,8 +61,9 @@ RD_ALWAYS_INLINE RD_REORDERED_SUMS void span_shifted_sums(const scalar_t* __rest
 // previous row's store.
 constexpr int64_t kRowsTogether = 4;
 
-// The rows_* sums take the channel count as a template argument for the common ResNet widths, so that the
-// compiler unrolls a row and keeps the per-channel sums in registers; kChannels = 0 reads it at run time.
+// The channels_last sums and forward take the channel count as a template argument for the common ResNet widths,
+// so that the compiler unrolls a row and keeps the per-channel values in registers; kChannels = 0 reads it at run
+// time.
 template <typename F>
 void with_fixed_channels(int64_t channels, const F& f) {
   if (channels == 64) return f(std::integral_constant<int64_t, 64>{});
@@ -136,13 +137,18 @@ RD_ALWAYS_INLINE void block_rows_forward(const scalar_t* __restrict__ x, const s
 // (Shorter rows are one tile.)
 constexpr int64_t kColumnTile = 1024;
 
-template <typename scalar_t, typename acc_t, bool kResidual>
+template <typename scalar_t, typename acc_t, bool kResidual, int64_t kChannels>
 RD_CPU_CLONES void rows_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, int64_t rows,
-                                int64_t channels, const acc_t* scale, const acc_t* shift) {
-  for (int64_t c = 0; c < channels; c += kColumnTile) {
-    block_rows_forward<scalar_t, acc_t, kResidual>(x + c, kResidual ? residual + c : nullptr, y + c, rows,
-                                                   std::min(kColumnTile, channels - c), channels, scale + c,
-                                                   shift + c);
+                                int64_t runtime_channels, const acc_t* scale, const acc_t* shift) {
+  if constexpr (kChannels > 0) {  // one tile, its width a constant
+    block_rows_forward<scalar_t, acc_t, kResidual>(x, residual, y, rows, kChannels, kChannels, scale, shift);
+  } else {
+    const int64_t channels = runtime_channels;
+    for (int64_t c = 0; c < channels; c += kColumnTile) {
+      block_rows_forward<scalar_t, acc_t, kResidual>(x + c, kResidual ? residual + c : nullptr, y + c, rows,
+                                                     std::min(kColumnTile, channels - c), channels, scale + c,
+                                                     shift + c);
+    }
   }
 }
 
@@ -396,10 +402,11 @@ RD_CPU_CLONES void planes_forward_streamed(const float* x, const float* residual
   streaming_fence();
 }
 
-template <typename acc_t, bool kResidual>
+template <typename acc_t, bool kResidual, int64_t kChannels>
 RD_CPU_CLONES void rows_forward_streamed(const float* x, const float* residual, float* y, int64_t rows,
-                                         int64_t channels, const acc_t* scale, const acc_t* shift,
+                                         int64_t runtime_channels, const acc_t* scale, const acc_t* shift,
                                          StreamFloats stream) {
+  const int64_t channels = kChannels > 0 ? kChannels : runtime_channels;
   alignas(64) float tile[kStreamTile];
   const int64_t tile_rows = kStreamTile / channels;
   for (int64_t row = 0; row < rows; row += tile_rows) {
@@ -528,26 +535,32 @@ void channel_sums(const Geometry& g, int64_t channels, const AddPlanes& add_plan
   }
 }
 
-// The elementwise pass after a reduction pass: apply_planes(begin, end) for a range of NCHW planes,
-// apply_rows(offset, rows) for a block of channels_last rows. Each thread takes the same range as in the
-// reduction (same total and grain) but walks it from the end in blocks: the reduction finished there, so that
-// part of its tensors is still in the last-level cache, while in memory order the pass would start on what
-// the reduction read first, the part most likely evicted.
+// An elementwise pass: apply_planes(begin, end) for a range of NCHW planes, apply_rows(offset, rows) for a block of
+// channels_last rows, each thread taking one range.
+//   kMemoryOrder:    the range in memory order, in one call (eval, which reads nothing before): walked from the
+//                    end in blocks instead, channels_last eval took up to a third longer.
+//   kAfterReduction: after a reduction pass over the same tensors, with the same total and grain, so that each
+//                    thread gets the range it reduced, walked from its end in blocks: the reduction finished there,
+//                    so that part of its tensors is still in the last-level cache, while in memory order the pass
+//                    would start on what the reduction read first, the part most likely evicted.
+enum class Walk { kMemoryOrder, kAfterReduction };
+
 template <typename ApplyPlanes, typename ApplyRows>
-void elementwise(const Geometry& g, const ApplyPlanes& apply_planes, const ApplyRows& apply_rows) {
+void elementwise(const Geometry& g, Walk walk, const ApplyPlanes& apply_planes, const ApplyRows& apply_rows) {
   const int64_t channels = g.channels;
   const int64_t per_unit = g.channels_last ? channels : std::max<int64_t>(1, g.plane);  // planes or rows
   const int64_t grain = std::max<int64_t>(1, kElementsPerTask / per_unit);
   const int64_t units = g.channels_last ? g.batch * g.plane : g.batch * channels;
-  at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t stop = end; stop > begin; stop -= grain) {
-      const int64_t start = std::max(begin, stop - grain);
-      if (g.channels_last) {
-        apply_rows(start * channels, stop - start);
-      } else {
-        apply_planes(start, stop);
-      }
+  const auto apply = [&](int64_t start, int64_t stop) {
+    if (g.channels_last) {
+      apply_rows(start * channels, stop - start);
+    } else {
+      apply_planes(start, stop);
     }
+  };
+  at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
+    if (walk == Walk::kMemoryOrder) return apply(begin, end);
+    for (int64_t stop = end; stop > begin; stop -= grain) apply(std::max(begin, stop - grain), stop);
   });
 }
 
@@ -703,39 +716,45 @@ void batch_stats(const Geometry& g, const scalar_t* x, acc_t* mean, acc_t* invst
 }
 
 template <typename scalar_t, typename acc_t, bool kResidual>
-void normalize_add_relu_pass(const Geometry& g, const scalar_t* x, const scalar_t* r, scalar_t* y,
+void normalize_add_relu_pass(const Geometry& g, Walk walk, const scalar_t* x, const scalar_t* r, scalar_t* y,
                              const acc_t* scale, const acc_t* shift) {
   const Geometry w = walk_as_rows(g) ? rows_geometry(g) : g;
   PerWalkedChannel<acc_t> walked_scale(scale, g), walked_shift(shift, g);
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (const StreamFloats stream = output_streamer(w, y, kResidual ? 3 : 2)) {  // x, residual, y
       return elementwise(
-          w,
+          w, walk,
           [&](int64_t begin, int64_t end) {
             planes_forward_streamed<acc_t, kResidual>(x, r, y, begin, end, w.plane, w.channels, walked_scale.data(),
                                                       walked_shift.data(), stream);
           },
           [&](int64_t offset, int64_t rows) {
-            rows_forward_streamed<acc_t, kResidual>(x + offset, kResidual ? r + offset : nullptr, y + offset, rows,
-                                                    w.channels, walked_scale.data(), walked_shift.data(), stream);
+            with_fixed_channels(w.channels, [&](auto fixed) {
+              rows_forward_streamed<acc_t, kResidual, decltype(fixed)::value>(
+                  x + offset, kResidual ? r + offset : nullptr, y + offset, rows, w.channels, walked_scale.data(),
+                  walked_shift.data(), stream);
+            });
           });
     }
   }
   elementwise(
-      w,
+      w, walk,
       [&](int64_t begin, int64_t end) {
         planes_forward<scalar_t, acc_t, kResidual>(x, r, y, begin, end, w.plane, w.channels, walked_scale.data(),
                                                    walked_shift.data());
       },
       [&](int64_t offset, int64_t rows) {
-        rows_forward<scalar_t, acc_t, kResidual>(x + offset, kResidual ? r + offset : nullptr, y + offset, rows,
-                                                 w.channels, walked_scale.data(), walked_shift.data());
+        with_fixed_channels(w.channels, [&](auto fixed) {
+          rows_forward<scalar_t, acc_t, kResidual, decltype(fixed)::value>(
+              x + offset, kResidual ? r + offset : nullptr, y + offset, rows, w.channels, walked_scale.data(),
+              walked_shift.data());
+        });
       });
 }
 
 // y = relu(x * scale[c] + shift[c] + residual).
 template <typename scalar_t, typename acc_t>
-void normalize_add_relu(const ForwardArgs& a, const acc_t* mean, const acc_t* invstd, at::Tensor& out) {
+void normalize_add_relu(const ForwardArgs& a, Walk walk, const acc_t* mean, const acc_t* invstd, at::Tensor& out) {
   const int64_t channels = a.geom.channels;
   std::vector<acc_t> scale(channels), shift(channels);
   const acc_t* weight = a.weight.data_ptr<acc_t>();
@@ -744,10 +763,10 @@ void normalize_add_relu(const ForwardArgs& a, const acc_t* mean, const acc_t* in
   const scalar_t* x = a.input.data_ptr<scalar_t>();
   scalar_t* y = out.data_ptr<scalar_t>();
   if (a.residual.defined()) {
-    normalize_add_relu_pass<scalar_t, acc_t, true>(a.geom, x, a.residual.data_ptr<scalar_t>(), y, scale.data(),
+    normalize_add_relu_pass<scalar_t, acc_t, true>(a.geom, walk, x, a.residual.data_ptr<scalar_t>(), y, scale.data(),
                                                     shift.data());
   } else {
-    normalize_add_relu_pass<scalar_t, acc_t, false>(a.geom, x, nullptr, y, scale.data(), shift.data());
+    normalize_add_relu_pass<scalar_t, acc_t, false>(a.geom, walk, x, nullptr, y, scale.data(), shift.data());
   }
 }
 
@@ -802,7 +821,7 @@ void backward_passes(const Geometry& g, const scalar_t* gy, const scalar_t* y, c
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (const StreamFloats stream = output_streamer(w, gx, backward_tensors(kDz))) {
       return elementwise(
-          w,
+          w, Walk::kAfterReduction,
           [&](int64_t begin, int64_t end) {
             planes_backward_apply_streamed<acc_t, kDz>(source, y, x, gx, begin, end, w.plane, w.channels,
                                                        walked_scale.data(), walked_shift.data(), walked_a.data(),
@@ -816,7 +835,7 @@ void backward_passes(const Geometry& g, const scalar_t* gy, const scalar_t* y, c
     }
   }
   elementwise(
-      w,
+      w, Walk::kAfterReduction,
       [&](int64_t begin, int64_t end) {
         planes_backward_apply<scalar_t, acc_t, kDz>(source, y, x, gx, begin, end, w.plane, w.channels,
                                                     walked_scale.data(), walked_shift.data(), walked_a.data(),
@@ -849,7 +868,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_add_relu_train_cpu(const at::T
     using acc_t = at::opmath_type<scalar_t>;
     batch_stats<scalar_t, acc_t>(a.geom, a.input.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(),
                                  invstd.data_ptr<acc_t>(), eps);
-    normalize_add_relu<scalar_t, acc_t>(a, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), out);
+    normalize_add_relu<scalar_t, acc_t>(a, Walk::kAfterReduction, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(),
+                                        out);
   });
   return {out, mean, invstd};
 }
@@ -870,7 +890,7 @@ at::Tensor bn_add_relu_eval_cpu(const at::Tensor& input, const std::optional<at:
     std::vector<acc_t> invstd(a.geom.channels);
     const acc_t* var_ptr = var.data_ptr<acc_t>();
     channel_inverse_stds<acc_t>(var_ptr, a.geom.channels, eps, invstd.data());
-    normalize_add_relu<scalar_t, acc_t>(a, mean.data_ptr<acc_t>(), invstd.data(), out);
+    normalize_add_relu<scalar_t, acc_t>(a, Walk::kMemoryOrder, mean.data_ptr<acc_t>(), invstd.data(), out);
   });
   return out;
 }

@@ -219,11 +219,11 @@ def _threshold_in_fresh_process(environment_value=None):
                               text=True).stdout.split()[-1])
 
 
-def test_streaming_threshold_defaults_to_the_last_level_cache_at_most_24_mb():
+def test_streaming_threshold_defaults_to_the_last_level_cache_at_most_32_mb():
     l3 = pathlib.Path("/sys/devices/system/cpu/cpu0/cache/index3/size")
     text = l3.read_text().strip() if l3.exists() else ""
     units = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}
-    cap = 24 * 1024 ** 2
+    cap = 32 * 1024 ** 2
     expected = min(int(text[:-1]) * units[text[-1]] if text[-1:] in units else int(text), cap) if text else cap
     assert _threshold_in_fresh_process() == expected
     assert _threshold_in_fresh_process("12345") == 12345

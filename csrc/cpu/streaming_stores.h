@@ -21,7 +21,7 @@ void streaming_fence();
 // A pass streams its output when the activations the operator touches take at least this many bytes
 // together (its footprint): then they cannot all stay in the last-level cache, and the output would push
 // the inputs out before the next pass or layer reads them. Below it, the output is stored normally, and the
-// next layer finds it in cache. Default: the last-level cache's size, at most 24 MB;
+// next layer finds it in cache. Default: the last-level cache's size, at most 32 MB;
 // RESNET_DEPLOY_STREAMING_MIN_BYTES sets the starting value (0 streams everything, a negative value nothing).
 int64_t streaming_min_bytes();
 // Sets the threshold for the rest of the process and returns the previous one.

@@ -17,11 +17,11 @@
 namespace resnet_deploy {
 namespace {
 
-// The most of the last-level cache the kernels count on. A virtual machine reports its host's whole L3 (a
-// 2-vCPU machine showing a 105 MB Xeon L3, say), of which other tenants' cores use a share that changes by
-// the hour: there, streaming an eval's output at a 28 MB footprint was 1.11x-1.14x faster in a busy spell and
-// 1.04x-1.52x slower in a calm one, while at 42-56 MB (training steps) it was between 1.06x slower and 1.10x
-// faster in both, and at 113 MB 1.10x faster. Also used when the system does not tell the size.
+// The most of the last-level cache the kernels count on. A virtual machine may report its host's whole L3 (a
+// 2-vCPU Xeon showing 105 MB, most of which other tenants' cores use) or its own (a 2-vCPU Zen 5 EPYC showing
+// 32 MB). Streaming an eval's output at a 28 MB footprint was 1.11x-1.14x faster on that Xeon and 1.04x-1.52x
+// slower on that EPYC; at 42-56 MB (training steps) it was between 1.06x slower and 1.10x faster on both, and at
+// 113 MB 1.10x faster. Also used when the system does not tell the size.
 constexpr int64_t kMaxCacheBytes = 32 * 1024 * 1024;
 
 // The size of the last-level cache shared by this CPU's cores, as Linux reports it ("32768K"), at most

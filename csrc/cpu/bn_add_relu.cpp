@@ -139,11 +139,10 @@ constexpr int64_t kColumnTile = 1024;
 
 template <typename scalar_t, typename acc_t, bool kResidual, int64_t kChannels>
 RD_CPU_CLONES void rows_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, int64_t rows,
-                                int64_t runtime_channels, const acc_t* scale, const acc_t* shift) {
+                                int64_t channels, const acc_t* scale, const acc_t* shift) {
   if constexpr (kChannels > 0) {  // one tile, its width a constant
     block_rows_forward<scalar_t, acc_t, kResidual>(x, residual, y, rows, kChannels, kChannels, scale, shift);
   } else {
-    const int64_t channels = runtime_channels;
     for (int64_t c = 0; c < channels; c += kColumnTile) {
       block_rows_forward<scalar_t, acc_t, kResidual>(x + c, kResidual ? residual + c : nullptr, y + c, rows,
                                                      std::min(kColumnTile, channels - c), channels, scale + c,

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils import benchmark
@@ -70,19 +71,52 @@ class Row:
         return self.eager_ms / self.bound_ms
 
 
-def interleaved_medians_ms(steps: Dict[str, Callable[[], object]], min_run_time: float,
-                           rounds: int = ROUNDS) -> Dict[str, float]:
-    """Median milliseconds per call of each step, timed in `rounds` alternating rounds of min_run_time / rounds
-    each, so that a slow spell of a shared machine weighs on every step alike, not on whichever ran then."""
+def interleaved_rounds_ms(steps: Dict[str, Callable[[], object]], min_run_time: float,
+                          rounds: int = ROUNDS) -> Dict[str, List[List[float]]]:
+    """Milliseconds of every timed call of each step, round by round: the steps take turns, `rounds` times,
+    min_run_time / rounds each, so that a slow spell of a shared machine weighs on every step alike, not on
+    whichever ran then."""
     timers = {}
     for name, fn in steps.items():
         fn()  # warm-up (and, for torch.compile, compilation)
         timers[name] = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    per_call: Dict[str, List[float]] = {name: [] for name in steps}
+    per_round: Dict[str, List[List[float]]] = {name: [] for name in steps}
     for _ in range(rounds):
         for name, timer in timers.items():
-            per_call[name] += timer.blocked_autorange(min_run_time=min_run_time / rounds).times
-    return {name: statistics.median(times) * 1e3 for name, times in per_call.items()}
+            per_round[name].append([t * 1e3 for t in timer.blocked_autorange(min_run_time=min_run_time / rounds).times])
+    return per_round
+
+
+def interleaved_medians_ms(steps: Dict[str, Callable[[], object]], min_run_time: float,
+                           rounds: int = ROUNDS) -> Dict[str, float]:
+    """Median milliseconds per call of each step over all calls of interleaved_rounds_ms."""
+    per_round = interleaved_rounds_ms(steps, min_run_time, rounds)
+    return {name: statistics.median(t for calls in runs for t in calls) for name, runs in per_round.items()}
+
+
+def paired_ratio(numerators: List[float], denominators: List[float], confidence: float = 0.95,
+                 resamples: int = 10_000, seed: int = 0) -> Tuple[float, float, float]:
+    """The median of numerators[i] / denominators[i], and a percentile-bootstrap confidence interval of it.
+
+    Given the per-round times of two steps timed in the same rounds, each ratio compares the two under the same
+    machine conditions, which a ratio of overall medians does not; the interval says whether a difference of a
+    few percent stands out from the round-to-round spread."""
+    ratios = np.asarray(numerators, dtype=float) / np.asarray(denominators, dtype=float)
+    rng = np.random.default_rng(seed)
+    medians = np.median(rng.choice(ratios, size=(resamples, ratios.size)), axis=1)
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(medians, [tail, 100 - tail])
+    return float(np.median(ratios)), float(low), float(high)
+
+
+def verdict(speedup_ci: Tuple[float, float], a_a_ci: Tuple[float, float]) -> str:
+    """What a speedup's confidence interval (baseline time / candidate time) says, read against the interval of
+    two identical steps timed in the same rounds (A/A). Identical model instances can land a few percent apart
+    for the whole run (where their memory lies, say), which no number of rounds averages away: a speedup counts
+    only where its whole interval lies beyond the farthest from 1 that the A/A interval reaches, either way."""
+    noise = max(a_a_ci[1], 1 / a_a_ci[0], 1.0)
+    low, high = speedup_ci
+    return "faster" if low > noise else "slower" if high < 1 / noise else "within the noise"
 
 
 def footprint_copy(footprint_bytes: int) -> Tuple[Callable[[], object], int]:
@@ -340,18 +374,22 @@ def forward_breakdown_ms(model, images, forwards: int = 5) -> Dict[str, float]:
 
 
 def end_to_end(image_size: int = 96, train_batch: int = 64, eval_batches=(1, 8, 64), min_run_time: float = 20.0,
-               memory_format: str = "nchw", log=print) -> dict:
-    """Fused vs unfused ResNet-18 with the same weights: an SGD training step and eval inference, medians.
+               memory_format: str = "nchw", rounds: int = 100, train_rounds: int = 40, log=print) -> dict:
+    """Fused vs unfused ResNet-18 with the same weights: an SGD training step and eval inference.
 
     The fused sites are a few percent of a step (convolutions dominate), so the difference is small next to a
-    shared machine's noise: min_run_time seconds per model for the training step (about 25 steps of 0.8 s in
-    ten interleaved rounds), a quarter of that per model and batch size for eval. Each eval row also profiles
-    a few forwards of both models to say where the time goes (forward_breakdown_ms): the normalization sites
-    (fused op, or BatchNorm, add and ReLU), convolutions, max-pooling and the rest.
+    shared machine's noise. The models take turns, min_run_time seconds per model for the training step in
+    train_rounds rounds (about one step of each model per round), and half of that per model and batch size for
+    eval in `rounds` rounds: short rounds, so that the models of one round run under the same conditions. Each
+    row gives the median of each model's per-round medians, and the speedup as the median of the per-round
+    ratios, with a 95% bootstrap interval (paired_ratio).
 
-    A second unfused model with the same weights is timed in the same rounds: its ratio to the first
-    ("a_a_ratio", ideally 1.00) is how far two identical models land apart in this run, the noise floor
-    against which a "speedup" of a few percent is to be read."""
+    A second unfused model with the same weights is timed in the same rounds: its time over the first's
+    ("a_a_ratio", ideally 1.00, with its interval) is how far two identical models land apart in this run, the
+    noise floor against which a speedup of a few percent is to be read; "verdict" reads the speedup's interval
+    against it. Each eval row also profiles a few
+    forwards of both models to say where the time goes (forward_breakdown_ms): the normalization sites (fused
+    op, or BatchNorm, add and ReLU), convolutions, max-pooling and the rest."""
     from resnet_deploy.models import resnet18
 
     fmt = FORMATS[memory_format]
@@ -362,13 +400,22 @@ def end_to_end(image_size: int = 96, train_batch: int = 64, eval_batches=(1, 8, 
         model.to(memory_format=fmt)
     rows = []
 
-    def add(mode, batch, times):
-        rows.append({"mode": mode, "batch_size": batch, "fused_ms": times["fused"], "unfused_ms": times["unfused"],
-                     "speedup": times["unfused"] / times["fused"],
-                     "unfused_again_ms": times["unfused again"],
-                     "a_a_ratio": times["unfused again"] / times["unfused"]})
-        log(f"  {mode:12s} batch {batch:3d}: fused {times['fused']:8.2f} ms  unfused {times['unfused']:8.2f} ms  "
-            f"speedup {rows[-1]['speedup']:.2f}x  (unfused again: {rows[-1]['a_a_ratio']:.2f}x the unfused)")
+    def add(mode, batch, per_round):
+        rounds_run = len(per_round["fused"])
+        medians = {name: [statistics.median(calls) for calls in runs] for name, runs in per_round.items()}
+        speedup, speedup_low, speedup_high = paired_ratio(medians["unfused"], medians["fused"])
+        a_a, a_a_low, a_a_high = paired_ratio(medians["unfused again"], medians["unfused"])
+        rows.append({"mode": mode, "batch_size": batch, "rounds": rounds_run,
+                     "fused_ms": statistics.median(medians["fused"]),
+                     "unfused_ms": statistics.median(medians["unfused"]),
+                     "unfused_again_ms": statistics.median(medians["unfused again"]),
+                     "speedup": speedup, "speedup_ci": [speedup_low, speedup_high],
+                     "verdict": verdict((speedup_low, speedup_high), (a_a_low, a_a_high)),
+                     "a_a_ratio": a_a, "a_a_ci": [a_a_low, a_a_high]})
+        row = rows[-1]
+        log(f"  {mode:12s} batch {batch:3d}: fused {row['fused_ms']:8.2f} ms  unfused {row['unfused_ms']:8.2f} ms  "
+            f"speedup {speedup:.3f}x (95% CI {speedup_low:.3f}-{speedup_high:.3f}: {row['verdict']})  "
+            f"unfused again: {a_a:.3f}x the unfused (95% CI {a_a_low:.3f}-{a_a_high:.3f})")
 
     images = torch.randn(train_batch, 1, image_size, image_size).contiguous(memory_format=fmt)
     labels = torch.randint(0, 10, (train_batch,))
@@ -382,7 +429,7 @@ def end_to_end(image_size: int = 96, train_batch: int = 64, eval_batches=(1, 8, 
             F.cross_entropy(model(images), labels).backward()
             optimizer.step()
         train_steps[name] = train_step
-    add("train step", train_batch, interleaved_medians_ms(train_steps, min_run_time, rounds=2 * ROUNDS))
+    add("train step", train_batch, interleaved_rounds_ms(train_steps, min_run_time, train_rounds))
 
     for model in models.values():
         model.eval()
@@ -392,8 +439,8 @@ def end_to_end(image_size: int = 96, train_batch: int = 64, eval_batches=(1, 8, 
         def infer(model):
             with torch.inference_mode():
                 return model(batch_images)
-        add("eval", batch, interleaved_medians_ms({name: partial(infer, model) for name, model in models.items()},
-                                                  min_run_time / 4, rounds=2 * ROUNDS))
+        add("eval", batch, interleaved_rounds_ms({name: partial(infer, model) for name, model in models.items()},
+                                                 min_run_time / 2, rounds))
         breakdown = {name: forward_breakdown_ms(models[name], batch_images) for name in ("fused", "unfused")}
         rows[-1]["breakdown_ms"] = breakdown
         log("    per forward (profiled), fused / unfused: " + ", ".join(

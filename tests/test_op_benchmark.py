@@ -1,4 +1,5 @@
 """The op benchmark's pieces that decide what is measured: the ResNet-18 sites, the bound, a real tiny run."""
+import numpy as np
 import pytest
 import torch
 
@@ -48,6 +49,54 @@ def test_interleaved_medians_time_each_step_separately():
     times = op_benchmark.interleaved_medians_ms({"slow": slow, "fast": fast}, min_run_time=0.05, rounds=2)
     assert times["slow"] > times["fast"] > 0
     assert calls["slow"] > 2 and calls["fast"] > 2
+
+
+def test_interleaved_rounds_keep_each_rounds_calls_apart():
+    per_round = op_benchmark.interleaved_rounds_ms({"a": lambda: None, "b": lambda: None}, min_run_time=0.03,
+                                                   rounds=3)
+    assert set(per_round) == {"a", "b"}
+    assert all(len(runs) == 3 and all(len(calls) >= 1 for calls in runs) for runs in per_round.values())
+
+
+def test_paired_ratio_is_the_median_of_round_by_round_ratios():
+    # Each round's candidate is 1.05x faster than its baseline, while both drift by up to 2x between rounds: the
+    # ratio of overall medians would mix the drift in, the per-round ratios do not.
+    drift = np.linspace(1.0, 2.0, 40)
+    baseline = 10.0 * drift
+    candidate = baseline / 1.05
+    ratio, low, high = op_benchmark.paired_ratio(baseline, candidate)
+    assert ratio == pytest.approx(1.05) and low == pytest.approx(1.05) and high == pytest.approx(1.05)
+    # Round by round, not overall: the medians of these (30 and 19) are from different rounds; the ratios are
+    # 2, 10/9, 2, 20/19 and 40/39.
+    assert op_benchmark.paired_ratio([50, 10, 30, 20, 40], [25, 9, 15, 19, 39])[0] == pytest.approx(10 / 9)
+
+
+def test_paired_ratio_interval_covers_one_for_identical_steps_and_excludes_it_for_a_real_difference():
+    rng = np.random.default_rng(1)
+    baseline = rng.normal(10.0, 0.3, 40)
+    same = rng.normal(10.0, 0.3, 40)  # the same step timed again: noise only
+    faster = rng.normal(10.0 / 1.04, 0.3 / 1.04, 40)  # 4% faster, with the same relative noise
+    ratio, low, high = op_benchmark.paired_ratio(baseline, same)
+    assert low < 1 < high
+    # against an independent reference: the order statistics that bracket the median of 40 values
+    ratios = np.sort(baseline / same)
+    assert ratios[12] <= low <= ratio <= high <= ratios[27]
+    ratio, low, high = op_benchmark.paired_ratio(baseline, faster)
+    assert 1 < low < 1.04 < high
+
+
+@pytest.mark.parametrize("speedup_ci, a_a_ci, expected", [
+    ((1.03, 1.06), (0.99, 1.01), "faster"),
+    ((0.94, 0.97), (0.99, 1.01), "slower"),
+    ((0.99, 1.02), (0.99, 1.01), "within the noise"),
+    # beyond 1, but not beyond how far two identical models landed apart in the same run, either way
+    ((1.01, 1.03), (1.015, 1.033), "within the noise"),
+    ((1.01, 1.03), (0.97, 0.99), "within the noise"),
+    ((0.97, 0.99), (1.015, 1.033), "within the noise"),
+    ((1.04, 1.06), (1.015, 1.033), "faster"),
+])
+def test_a_speedup_counts_only_beyond_the_spread_of_identical_models(speedup_ci, a_a_ci, expected):
+    assert op_benchmark.verdict(speedup_ci, a_a_ci) == expected
 
 
 def test_store_comparison_restores_the_threshold():
@@ -103,13 +152,14 @@ def test_op_table_renders_reports_saved_before_the_builtin_column():
 
 
 def test_end_to_end_times_fused_unfused_and_a_second_unfused_model_in_the_same_rounds():
-    report = op_benchmark.end_to_end(image_size=32, train_batch=2, eval_batches=(1, 2), min_run_time=0.05,
-                                     log=lambda line: None)
+    report = op_benchmark.end_to_end(image_size=32, train_batch=2, eval_batches=(1, 2), min_run_time=0.05, rounds=3,
+                                     train_rounds=2, log=lambda line: None)
     rows = report["results"]
     assert [(r["mode"], r["batch_size"]) for r in rows] == [("train step", 2), ("eval", 1), ("eval", 2)]
     for row in rows:
+        assert row["rounds"] == (2 if row["mode"] == "train step" else 3)
         assert row["fused_ms"] > 0 and row["unfused_ms"] > 0 and row["unfused_again_ms"] > 0
-        assert row["speedup"] == pytest.approx(row["unfused_ms"] / row["fused_ms"])
-        assert row["a_a_ratio"] == pytest.approx(row["unfused_again_ms"] / row["unfused_ms"])
-    # eval rows say where each model's forward spends its time; the second unfused model is timed only
+        assert row["speedup_ci"][0] <= row["speedup"] <= row["speedup_ci"][1]
+        assert row["a_a_ci"][0] <= row["a_a_ratio"] <= row["a_a_ci"][1]
+        assert row["verdict"] == op_benchmark.verdict(row["speedup_ci"], row["a_a_ci"])
     assert all(set(r["breakdown_ms"]) == {"fused", "unfused"} for r in rows[1:])

@@ -109,14 +109,16 @@ def paired_ratio(numerators: List[float], denominators: List[float], confidence:
     return float(np.median(ratios)), float(low), float(high)
 
 
-def verdict(speedup_ci: Tuple[float, float], a_a_ci: Tuple[float, float]) -> str:
-    """What a speedup's confidence interval (baseline time / candidate time) says, read against the interval of
-    two identical steps timed in the same rounds (A/A). Identical model instances can land a few percent apart
-    for the whole run (where their memory lies, say), which no number of rounds averages away: a speedup counts
-    only where its whole interval lies beyond the farthest from 1 that the A/A interval reaches, either way."""
-    noise = max(a_a_ci[1], 1 / a_a_ci[0], 1.0)
-    low, high = speedup_ci
-    return "faster" if low > noise else "slower" if high < 1 / noise else "within the noise"
+def verdict(speedup_cis: List[Tuple[float, float]]) -> str:
+    """What the confidence intervals of one step's speedups over several baselines (baseline time / its time) say
+    together: faster or slower only if every interval lies on that side of 1. The baselines are identical model
+    instances timed in the same rounds, which can land a few percent apart for a whole run (where their memory
+    lies, say) in a way no number of rounds averages away: a speedup over just one of them could be that."""
+    if all(low > 1 for low, _ in speedup_cis):
+        return "faster"
+    if all(high < 1 for _, high in speedup_cis):
+        return "slower"
+    return "within the noise"
 
 
 def footprint_copy(footprint_bytes: int) -> Tuple[Callable[[], object], int]:
@@ -386,10 +388,10 @@ def end_to_end(image_size: int = 96, train_batch: int = 64, eval_batches=(1, 8, 
 
     A second unfused model with the same weights is timed in the same rounds: its time over the first's
     ("a_a_ratio", ideally 1.00, with its interval) is how far two identical models land apart in this run, the
-    noise floor against which a speedup of a few percent is to be read; "verdict" reads the speedup's interval
-    against it. Each eval row also profiles a few
-    forwards of both models to say where the time goes (forward_breakdown_ms): the normalization sites (fused
-    op, or BatchNorm, add and ReLU), convolutions, max-pooling and the rest."""
+    noise floor against which a speedup of a few percent is to be read. "verdict" says faster (or slower) only if
+    the fused model beat (or lost to) both unfused models, each by an interval that excludes 1. Each eval row also
+    profiles a few forwards of both models to say where the time goes (forward_breakdown_ms): the normalization
+    sites (fused op, or BatchNorm, add and ReLU), convolutions, max-pooling and the rest."""
     from resnet_deploy.models import resnet18
 
     fmt = FORMATS[memory_format]
@@ -401,21 +403,22 @@ def end_to_end(image_size: int = 96, train_batch: int = 64, eval_batches=(1, 8, 
     rows = []
 
     def add(mode, batch, per_round):
-        rounds_run = len(per_round["fused"])
         medians = {name: [statistics.median(calls) for calls in runs] for name, runs in per_round.items()}
         speedup, speedup_low, speedup_high = paired_ratio(medians["unfused"], medians["fused"])
+        again, again_low, again_high = paired_ratio(medians["unfused again"], medians["fused"])
         a_a, a_a_low, a_a_high = paired_ratio(medians["unfused again"], medians["unfused"])
-        rows.append({"mode": mode, "batch_size": batch, "rounds": rounds_run,
+        rows.append({"mode": mode, "batch_size": batch, "rounds": len(medians["fused"]),
                      "fused_ms": statistics.median(medians["fused"]),
                      "unfused_ms": statistics.median(medians["unfused"]),
                      "unfused_again_ms": statistics.median(medians["unfused again"]),
                      "speedup": speedup, "speedup_ci": [speedup_low, speedup_high],
-                     "verdict": verdict((speedup_low, speedup_high), (a_a_low, a_a_high)),
+                     "speedup_vs_again": again, "speedup_vs_again_ci": [again_low, again_high],
+                     "verdict": verdict([(speedup_low, speedup_high), (again_low, again_high)]),
                      "a_a_ratio": a_a, "a_a_ci": [a_a_low, a_a_high]})
-        row = rows[-1]
-        log(f"  {mode:12s} batch {batch:3d}: fused {row['fused_ms']:8.2f} ms  unfused {row['unfused_ms']:8.2f} ms  "
-            f"speedup {speedup:.3f}x (95% CI {speedup_low:.3f}-{speedup_high:.3f}: {row['verdict']})  "
-            f"unfused again: {a_a:.3f}x the unfused (95% CI {a_a_low:.3f}-{a_a_high:.3f})")
+        log(f"  {mode:12s} batch {batch:3d}: fused {rows[-1]['fused_ms']:8.2f} ms  "
+            f"unfused {rows[-1]['unfused_ms']:8.2f} ms  speedup {speedup:.3f}x (95% CI {speedup_low:.3f}-"
+            f"{speedup_high:.3f}), over the unfused again {again:.3f}x ({again_low:.3f}-{again_high:.3f}): "
+            f"{rows[-1]['verdict']}  (unfused again / unfused {a_a:.3f}x, {a_a_low:.3f}-{a_a_high:.3f})")
 
     images = torch.randn(train_batch, 1, image_size, image_size).contiguous(memory_format=fmt)
     labels = torch.randint(0, 10, (train_batch,))

@@ -35,9 +35,9 @@ def main():
     parser.add_argument("--end-to-end", action="store_true",
                         help="also time fused vs unfused ResNet-18 (96x96): a training step at batch 64 and "
                              "eval at batch 1, 8, 64, in interleaved rounds, each speedup the median of the "
-                             "per-round ratios with a 95%% confidence interval, read against a second unfused "
-                             "model in the same rounds (how far identical models land apart); each eval forward "
-                             "is profiled to say where its time goes (about 6 minutes)")
+                             "per-round ratios with a 95%% confidence interval, over each of two identical "
+                             "unfused models in the same rounds (faster only if over both); each eval forward is "
+                             "profiled to say where its time goes (about 7 minutes)")
     parser.add_argument("--compare-stores", action="store_true",
                         help="also time the fused op with streaming against normal stores for its outputs "
                              "(interleaved in this process), at the first --shape")

@@ -121,6 +121,34 @@ def verdict(speedup_cis: List[Tuple[float, float]]) -> str:
     return "within the noise"
 
 
+def compare_in_rounds(per_round: Dict[str, List[List[float]]], candidate: str, baseline: str,
+                      baseline_again: str) -> dict:
+    """The candidate against two identical baselines from interleaved_rounds_ms: median milliseconds per call
+    (of the per-round medians), the speedup over each baseline (median of the per-round ratios, with its 95%
+    interval), the second baseline's time over the first's ("a_a_ratio", ideally 1.00) and the verdict."""
+    medians = {name: [statistics.median(calls) for calls in per_round[name]]
+               for name in (candidate, baseline, baseline_again)}
+    speedup, speedup_low, speedup_high = paired_ratio(medians[baseline], medians[candidate])
+    again, again_low, again_high = paired_ratio(medians[baseline_again], medians[candidate])
+    a_a, a_a_low, a_a_high = paired_ratio(medians[baseline_again], medians[baseline])
+    return {"rounds": len(medians[candidate]), "candidate_ms": statistics.median(medians[candidate]),
+            "baseline_ms": statistics.median(medians[baseline]),
+            "baseline_again_ms": statistics.median(medians[baseline_again]),
+            "speedup": speedup, "speedup_ci": [speedup_low, speedup_high],
+            "speedup_vs_again": again, "speedup_vs_again_ci": [again_low, again_high],
+            "verdict": verdict([(speedup_low, speedup_high), (again_low, again_high)]),
+            "a_a_ratio": a_a, "a_a_ci": [a_a_low, a_a_high]}
+
+
+def comparison_line(row: dict, candidate: str, baseline: str) -> str:
+    """One log line for a compare_in_rounds result (also given as a row's own fields)."""
+    (low, high), (again_low, again_high) = row["speedup_ci"], row["speedup_vs_again_ci"]
+    return (f"{candidate} {row['candidate_ms']:8.2f} ms  {baseline} {row['baseline_ms']:8.2f} ms  speedup "
+            f"{row['speedup']:.3f}x (95% CI {low:.3f}-{high:.3f}), over the {baseline} again "
+            f"{row['speedup_vs_again']:.3f}x ({again_low:.3f}-{again_high:.3f}): {row['verdict']}  "
+            f"({baseline} again / {baseline} {row['a_a_ratio']:.3f}x, {row['a_a_ci'][0]:.3f}-{row['a_a_ci'][1]:.3f})")
+
+
 def footprint_copy(footprint_bytes: int) -> Tuple[Callable[[], object], int]:
     """A float32 copy whose source and destination together take footprint_bytes, and the bytes it moves."""
     src = torch.randn(max(1, footprint_bytes // 8))
@@ -403,22 +431,12 @@ def end_to_end(image_size: int = 96, train_batch: int = 64, eval_batches=(1, 8, 
     rows = []
 
     def add(mode, batch, per_round):
-        medians = {name: [statistics.median(calls) for calls in runs] for name, runs in per_round.items()}
-        speedup, speedup_low, speedup_high = paired_ratio(medians["unfused"], medians["fused"])
-        again, again_low, again_high = paired_ratio(medians["unfused again"], medians["fused"])
-        a_a, a_a_low, a_a_high = paired_ratio(medians["unfused again"], medians["unfused"])
-        rows.append({"mode": mode, "batch_size": batch, "rounds": len(medians["fused"]),
-                     "fused_ms": statistics.median(medians["fused"]),
-                     "unfused_ms": statistics.median(medians["unfused"]),
-                     "unfused_again_ms": statistics.median(medians["unfused again"]),
-                     "speedup": speedup, "speedup_ci": [speedup_low, speedup_high],
-                     "speedup_vs_again": again, "speedup_vs_again_ci": [again_low, again_high],
-                     "verdict": verdict([(speedup_low, speedup_high), (again_low, again_high)]),
-                     "a_a_ratio": a_a, "a_a_ci": [a_a_low, a_a_high]})
-        log(f"  {mode:12s} batch {batch:3d}: fused {rows[-1]['fused_ms']:8.2f} ms  "
-            f"unfused {rows[-1]['unfused_ms']:8.2f} ms  speedup {speedup:.3f}x (95% CI {speedup_low:.3f}-"
-            f"{speedup_high:.3f}), over the unfused again {again:.3f}x ({again_low:.3f}-{again_high:.3f}): "
-            f"{rows[-1]['verdict']}  (unfused again / unfused {a_a:.3f}x, {a_a_low:.3f}-{a_a_high:.3f})")
+        row = compare_in_rounds(per_round, "fused", "unfused", "unfused again")
+        rows.append({"mode": mode, "batch_size": batch, "rounds": row["rounds"], "fused_ms": row["candidate_ms"],
+                     "unfused_ms": row["baseline_ms"], "unfused_again_ms": row["baseline_again_ms"],
+                     **{k: row[k] for k in ("speedup", "speedup_ci", "speedup_vs_again", "speedup_vs_again_ci",
+                                            "verdict", "a_a_ratio", "a_a_ci")}})
+        log(f"  {mode:12s} batch {batch:3d}: " + comparison_line(row, "fused", "unfused"))
 
     images = torch.randn(train_batch, 1, image_size, image_size).contiguous(memory_format=fmt)
     labels = torch.randint(0, 10, (train_batch,))

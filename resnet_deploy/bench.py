@@ -35,6 +35,12 @@ bench.json, schema_version 1:
                                                                  in the process may be reused, so a lower bound)
   errors          [{backend, threads, error, traceback}] of predictors that failed to load or run (the others
                   still run); traceback: the failure's traceback, at most 5 frames
+  fused_vs_unfused  null, or (when eager and eager-fused both ran) one row per thread setting x batch size of the
+                  eager-fused model against two loads of the eager one, timed in turns (fused_vs_unfused()):
+                    threads, batch_size, rounds, candidate_ms (eager-fused), baseline_ms (eager),
+                    baseline_again_ms (its second load), speedup and speedup_ci (eager / eager-fused, with the
+                    95% interval), speedup_vs_again and speedup_vs_again_ci, a_a_ratio and a_a_ci (second load /
+                    first), verdict ("faster", "slower" or "within the noise")
   op_benchmark    op_benchmark.run's report (fused operator vs eager vs torch.compile), or null
 """
 import argparse
@@ -48,6 +54,7 @@ import subprocess
 import time
 import traceback
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -58,6 +65,7 @@ import resnet_deploy
 from resnet_deploy import allocator, runtime
 
 SCHEMA_VERSION = 1
+FUSED_COMPARISON_ROUNDS = 40
 JSON_FILE, MARKDOWN_FILE, PLOT_FILE = "bench.json", "bench.md", "bench.png"
 DEFAULT_BATCH_SIZES = (1, 8, 64)
 RESULT_FIELDS = {  # name: type, the fields every result has (checked by check_schema)
@@ -214,7 +222,7 @@ def bench(artifact_dir: Union[str, Path], out: Union[str, Path], backends: Seque
     report = {"schema_version": SCHEMA_VERSION, "env": environment(threads),
               "artifact": {"dir": str(artifact_dir), "model": manifest["model"],
                            "input": manifest["input"]["shape"][1:]},
-              "settings": settings, "results": [], "errors": [], "op_benchmark": None}
+              "settings": settings, "results": [], "errors": [], "fused_vs_unfused": None, "op_benchmark": None}
     images = np.random.default_rng(seed).integers(0, 256, (max(batch_sizes), *manifest["preprocess"]["size"]),
                                                   dtype=np.uint8)
     log(f"benchmarking {', '.join(backends)} at batch sizes {', '.join(map(str, batch_sizes))} and "
@@ -231,6 +239,9 @@ def bench(artifact_dir: Union[str, Path], out: Union[str, Path], backends: Seque
                                          "traceback": traceback.format_exc(limit=5)})
             gc.collect()
 
+    ran = {r["backend"] for r in report["results"]}
+    if {"eager", "eager-fused"} <= ran:
+        report["fused_vs_unfused"] = fused_vs_unfused(artifact_dir, images, batch_sizes, threads, 2 * min_time_s, log)
     if op_benchmark:
         report["op_benchmark"] = run_op_benchmark(manifest, max(batch_sizes), log)
     check_schema(report)
@@ -273,6 +284,34 @@ def _bench_predictor(artifact_dir, backend: str, threads: int, images: np.ndarra
     return rows
 
 
+def fused_vs_unfused(artifact_dir, images: np.ndarray, batch_sizes: Sequence[int], threads: Sequence[int],
+                     seconds_per_model: float, log: Callable[[str], None],
+                     rounds: int = FUSED_COMPARISON_ROUNDS) -> List[Dict[str, Any]]:
+    """Does the fused operator make the eager model faster here? The rows above time each predictor alone, one
+    after another, so a slow spell of the machine lands on whichever ran then, and a few percent either way
+    says nothing. Here the eager-fused model and two loads of the eager one take turns on the same batch, in
+    `rounds` rounds of seconds_per_model / rounds each, and the fused model counts as faster only if it beat both
+    loads, each by a 95% interval above 1 (op_benchmark.compare_in_rounds)."""
+    from resnet_deploy import op_benchmark
+
+    rows = []
+    log(f"eager-fused against eager, in {rounds} interleaved rounds:")
+    for n_threads in threads:
+        predictors = {"eager-fused": runtime.load(artifact_dir, "eager-fused", threads=n_threads),
+                      "eager": runtime.load(artifact_dir, "eager", threads=n_threads),
+                      "eager again": runtime.load(artifact_dir, "eager", threads=n_threads)}
+        for batch_size in batch_sizes:
+            batch = predictors["eager"].preprocess(images[:batch_size])
+            per_round = op_benchmark.interleaved_rounds_ms(
+                {name: partial(predictor.predict, batch) for name, predictor in predictors.items()},
+                seconds_per_model, rounds)
+            row = op_benchmark.compare_in_rounds(per_round, "eager-fused", "eager", "eager again")
+            rows.append({"threads": n_threads, "batch_size": batch_size, **row})
+            log(f"  threads {n_threads}  batch {batch_size:3d}: " +
+                op_benchmark.comparison_line(row, "eager-fused", "eager"))
+    return rows
+
+
 def run_op_benchmark(manifest: Dict[str, Any], batch_size: int, log: Callable[[str], None]) -> Dict[str, Any]:
     """op_benchmark.run at the model's largest fused site with a residual (a block of the first stage)."""
     from resnet_deploy import op_benchmark
@@ -294,6 +333,11 @@ def check_schema(report: Dict[str, Any]) -> None:
     for key in ("cpu", "cores", "versions", "git_commit", "threads", "timestamp"):
         if key not in report["env"]:
             raise ValueError(f"bench report env lacks {key!r}; expected the environment fingerprint")
+    if report.get("fused_vs_unfused") is not None and not all(
+            isinstance(row, dict) and row.get("verdict") in ("faster", "slower", "within the noise")
+            for row in report["fused_vs_unfused"]):
+        raise ValueError("bench report field 'fused_vs_unfused' must be null or a list of comparison rows, each "
+                         "with a verdict")
     for index, row in enumerate(report["results"]):
         for key, kind in RESULT_FIELDS.items():
             value = row.get(key)
@@ -358,6 +402,29 @@ def op_table(op_report: Dict[str, Any]) -> str:
                                       for r in op_report["results"]])
 
 
+def fused_table(report: Dict[str, Any]) -> str:
+    """The eager-fused against eager comparison in markdown (fused_vs_unfused), or "" without one."""
+    rows = report.get("fused_vs_unfused")
+    if not rows:
+        return ""
+
+    def interval(low_high):
+        return f"{low_high[0]:.3f}-{low_high[1]:.3f}"
+    lines = ["| threads | batch | eager-fused ms | eager ms | speedup (95% CI) | over a second eager load | "
+             "A/A | verdict |", "|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['threads']} | {r['batch_size']} | {r['candidate_ms']:.2f} | {r['baseline_ms']:.2f} | "
+                     f"{r['speedup']:.3f}x ({interval(r['speedup_ci'])}) | {r['speedup_vs_again']:.3f}x "
+                     f"({interval(r['speedup_vs_again_ci'])}) | {r['a_a_ratio']:.3f}x ({interval(r['a_a_ci'])}) | "
+                     f"{r['verdict']} |")
+    return "\n".join(lines)
+
+
+FUSED_TABLE_INTRO = ("The fused eager model against the unfused one, timed in turns on the same batch with a second "
+                     "load of the unfused model (A/A: its time over the first's): the speedup is the median of the "
+                     "per-round ratios, and counts as faster only if its 95% interval over both loads lies above 1.\n")
+
+
 def environment_line(env: Dict[str, Any]) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
     commit = (env["git_commit"] or "unknown")[:10] + (" (modified)" if env.get("git_dirty") else "")
@@ -373,6 +440,8 @@ def markdown(report: Dict[str, Any]) -> str:
             f"{s['warmup_s']} s warm-up until the median settled (±{100 * s['tolerance']:.0f}%, "
             f"{s['min_time_s']}-{s['max_time_s']} s per row). first call includes torch.compile's compilation.\n",
             results_table(report), "", fastest(report), ""]
+    if report.get("fused_vs_unfused"):
+        text += ["## Fused against unfused eager model\n", FUSED_TABLE_INTRO, fused_table(report), ""]
     if report.get("op_benchmark"):
         text += ["## Fused BatchNorm+add+ReLU operator\n",
                  "Median times of the operator alone against the unfused expression (eager and torch.compile) and "
@@ -438,7 +507,9 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "bench", help="latency and throughput of every backend, with the fused-operator benchmark",
         description="Time every backend at every batch size and thread setting; write bench.json, bench.md and "
-                    "bench.png into --out. Figures are medians of calls timed until stable.")
+                    "bench.png into --out. Figures are medians of calls timed until stable. When eager and "
+                    "eager-fused both run, they also take turns on the same batch with a second load of eager, "
+                    "to say whether the fused operator makes the model faster beyond the noise.")
     add = parser.add_argument
     add("artifact_dir", metavar="ARTIFACT_DIR", help="a directory written by `resnet-deploy export`")
     add("--out", required=True, help="directory for bench.json, bench.md and bench.png")

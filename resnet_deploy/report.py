@@ -115,6 +115,8 @@ def _latency(run_dir: Path) -> List[str]:
                  f"`{BENCH}/{bench.JSON_FILE}`.\n")
     lines += [bench.results_table(report), "", bench.fastest(report), "",
               f"![latency against batch size]({BENCH}/{bench.PLOT_FILE})\n"]
+    if report.get("fused_vs_unfused"):
+        lines += ["### Fused against unfused eager model\n", bench.FUSED_TABLE_INTRO, bench.fused_table(report), ""]
     if report.get("op_benchmark"):
         lines += ["### The fused operator alone\n", bench.op_table(report["op_benchmark"]), ""]
     lines += ["## Environment\n", bench.environment_line(report["env"]) + ".\n"]

@@ -55,6 +55,26 @@ def test_bench_writes_json_markdown_and_plot(artifacts, tmp_path, fast_op_benchm
     assert "Fused BatchNorm+add+ReLU operator" in table and "3x64x7x7" in table
     assert "- fastest with 2 thread(s): batch 1: " in table
     assert (tmp_path / "out" / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    # eager-fused did not run: nothing to set against eager
+    assert written["fused_vs_unfused"] is None and "Fused against unfused" not in table
+
+
+def test_bench_times_eager_fused_against_two_loads_of_eager_in_turns(artifacts, tmp_path, fast_op_benchmark):
+    report = bench.bench(artifacts, tmp_path / "out", backends=["eager", "eager-fused"], batch_sizes=[1, 3],
+                         threads=[1, 2], log=lambda line: None, **TINY)
+    rows = bench.load_report(tmp_path / "out" / "bench.json")["fused_vs_unfused"]
+    assert rows == json.loads(json.dumps(report["fused_vs_unfused"]))
+    assert [(r["threads"], r["batch_size"]) for r in rows] == [(1, 1), (1, 3), (2, 1), (2, 3)]
+    for row in rows:
+        assert row["rounds"] == bench.FUSED_COMPARISON_ROUNDS
+        assert row["candidate_ms"] > 0 and row["baseline_ms"] > 0 and row["baseline_again_ms"] > 0
+        for value, (low, high) in ((row["speedup"], row["speedup_ci"]), (row["a_a_ratio"], row["a_a_ci"]),
+                                   (row["speedup_vs_again"], row["speedup_vs_again_ci"])):
+            assert low <= value <= high
+        assert row["verdict"] == op_benchmark.verdict([row["speedup_ci"], row["speedup_vs_again_ci"]])
+    table = (tmp_path / "out" / "bench.md").read_text()
+    assert "## Fused against unfused eager model" in table
+    assert f"| 2 | 3 | {rows[-1]['candidate_ms']:.2f} | {rows[-1]['baseline_ms']:.2f} | " in table
 
 
 def test_a_failing_backend_is_reported_and_the_others_still_run(artifacts, tmp_path, monkeypatch, capsys):
@@ -112,6 +132,8 @@ def test_check_schema_names_the_offending_field():
         bench.check_schema(dict(report, results=[dict(row, batch_size=True)]))
     with pytest.raises(ValueError, match="bench report field 'results' is None; expected a list"):
         bench.check_schema(dict(report, results=None))
+    with pytest.raises(ValueError, match="'fused_vs_unfused' must be null or a list of comparison rows"):
+        bench.check_schema(dict(report, fused_vs_unfused=[{"verdict": "probably faster"}]))
     with pytest.raises(ValueError, match="bench report env lacks 'git_commit'"):
         bench.check_schema(dict(report, env={k: v for k, v in env.items() if k != "git_commit"}))
 

@@ -9,7 +9,7 @@ from conftest import make_dataset
 
 from resnet_deploy import bench, cli, demo, export, report
 
-TINY_BENCH = {"backends": ["eager", "onnxruntime"], "batch_sizes": [1, 4], "threads": [1], "warmup_s": 0.0,
+TINY_BENCH = {"backends": ["eager", "eager-fused", "onnxruntime"], "batch_sizes": [1, 4], "threads": [1], "warmup_s": 0.0,
               "min_time_s": 0.0, "max_time_s": 0.05, "min_runs": 3, "op_benchmark": False}
 TINY_TRAIN = {"epochs": 1, "batch_size": 8}  # 64 images: the 8 steps the one-cycle schedule needs
 
@@ -40,6 +40,7 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeypatch):
     assert "Parity gate **passed**" in text and "![training curves](train/curves.png)" in text
     assert "![latency against batch size](bench/bench.png)" in text
     assert re.search(r"\| eager \| 1 \| 4 \| [\d.]+ \|", text) and re.search(r"\| onnxruntime \| 1 \| 1 \|", text)
+    assert "### Fused against unfused eager model" in text and re.search(r"\| 1 \| 4 \| [\d.]+ \| [\d.]+ \| ", text)
     assert f"accuracy **{100 * summary['accuracy']:.2f}%**" in text
 
     # A second run resumes the finished training run (no epoch is trained again) and redoes the rest

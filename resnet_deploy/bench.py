@@ -34,7 +34,8 @@ bench.json, schema_version 1:
                                                                  what the predictor added (memory freed earlier
                                                                  in the process may be reused, so a lower bound)
   errors          [{backend, threads, error, traceback}] of predictors that failed to load or run (the others
-                  still run); traceback: the failure's traceback, at most 5 frames
+                  still run), or of the fused comparison (backend "eager-fused against eager"); traceback: the
+                  failure's traceback, at most 5 frames
   fused_vs_unfused  null, or (when eager and eager-fused both ran) one row per thread setting x batch size of the
                   eager-fused model against two loads of the eager one, timed in turns (fused_vs_unfused()):
                     threads, batch_size, rounds, candidate_ms (eager-fused), baseline_ms (eager),
@@ -239,9 +240,16 @@ def bench(artifact_dir: Union[str, Path], out: Union[str, Path], backends: Seque
                                          "traceback": traceback.format_exc(limit=5)})
             gc.collect()
 
-    ran = {r["backend"] for r in report["results"]}
-    if {"eager", "eager-fused"} <= ran:
-        report["fused_vs_unfused"] = fused_vs_unfused(artifact_dir, images, batch_sizes, threads, 2 * min_time_s, log)
+    if {"eager", "eager-fused"} <= {r["backend"] for r in report["results"]}:
+        try:
+            report["fused_vs_unfused"] = fused_vs_unfused(artifact_dir, images, batch_sizes, threads, 2 * min_time_s,
+                                                          log)
+        except Exception as error:  # the figures above are kept and written
+            log(f"eager-fused against eager FAILED: {type(error).__name__}: {error}")
+            report["errors"].append({"backend": "eager-fused against eager", "threads": max(threads),
+                                     "error": f"{type(error).__name__}: {error}",
+                                     "traceback": traceback.format_exc(limit=5)})
+        gc.collect()
     if op_benchmark:
         report["op_benchmark"] = run_op_benchmark(manifest, max(batch_sizes), log)
     check_schema(report)

@@ -77,6 +77,18 @@ def test_bench_times_eager_fused_against_two_loads_of_eager_in_turns(artifacts, 
     assert f"| 2 | 3 | {rows[-1]['candidate_ms']:.2f} | {rows[-1]['baseline_ms']:.2f} | " in table
 
 
+def test_a_failing_fused_comparison_keeps_the_other_figures(artifacts, tmp_path, fast_op_benchmark, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+    monkeypatch.setattr(bench, "fused_vs_unfused", broken)
+    report = bench.bench(artifacts, tmp_path / "out", backends=["eager", "eager-fused"], batch_sizes=[1],
+                         threads=[1], log=lambda line: None, **TINY)
+    assert report["fused_vs_unfused"] is None and len(report["results"]) == 2
+    assert report["errors"][0]["backend"] == "eager-fused against eager"
+    assert report["errors"][0]["error"] == "RuntimeError: out of memory"
+    assert bench.load_report(tmp_path / "out" / "bench.json")["results"] == report["results"]
+
+
 def test_a_failing_backend_is_reported_and_the_others_still_run(artifacts, tmp_path, monkeypatch, capsys):
     real_load = runtime.load
 

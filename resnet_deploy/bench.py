@@ -240,13 +240,18 @@ def bench(artifact_dir: Union[str, Path], out: Union[str, Path], backends: Seque
                                          "traceback": traceback.format_exc(limit=5)})
             gc.collect()
 
-    if {"eager", "eager-fused"} <= {r["backend"] for r in report["results"]}:
+    ran = {(r["backend"], r["threads"]) for r in report["results"]}
+    compared_threads = [n for n in threads if {("eager", n), ("eager-fused", n)} <= ran]
+    if compared_threads:
+        report["fused_vs_unfused"] = []
+        log(f"eager-fused against eager, in {FUSED_COMPARISON_ROUNDS} interleaved rounds:")
+    for n_threads in compared_threads:
         try:
-            report["fused_vs_unfused"] = fused_vs_unfused(artifact_dir, images, batch_sizes, threads, 2 * min_time_s,
-                                                          log)
-        except Exception as error:  # the figures above are kept and written
-            log(f"eager-fused against eager FAILED: {type(error).__name__}: {error}")
-            report["errors"].append({"backend": "eager-fused against eager", "threads": max(threads),
+            report["fused_vs_unfused"] += fused_vs_unfused(artifact_dir, images, batch_sizes, n_threads,
+                                                           2 * min_time_s, log)
+        except Exception as error:  # the figures so far are kept and written
+            log(f"eager-fused against eager with {n_threads} thread(s) FAILED: {type(error).__name__}: {error}")
+            report["errors"].append({"backend": "eager-fused against eager", "threads": n_threads,
                                      "error": f"{type(error).__name__}: {error}",
                                      "traceback": traceback.format_exc(limit=5)})
         gc.collect()
@@ -292,31 +297,29 @@ def _bench_predictor(artifact_dir, backend: str, threads: int, images: np.ndarra
     return rows
 
 
-def fused_vs_unfused(artifact_dir, images: np.ndarray, batch_sizes: Sequence[int], threads: Sequence[int],
+def fused_vs_unfused(artifact_dir, images: np.ndarray, batch_sizes: Sequence[int], n_threads: int,
                      seconds_per_model: float, log: Callable[[str], None],
                      rounds: int = FUSED_COMPARISON_ROUNDS) -> List[Dict[str, Any]]:
     """Does the fused operator make the eager model faster here? The rows above time each predictor alone, one
     after another, so a slow spell of the machine lands on whichever ran then, and a few percent either way
     says nothing. Here the eager-fused model and two loads of the eager one take turns on the same batch, in
-    `rounds` rounds of seconds_per_model / rounds each, and the fused model counts as faster only if it beat both
-    loads, each by a 95% interval above 1 (op_benchmark.compare_in_rounds)."""
+    `rounds` rounds of seconds_per_model / rounds each, with n_threads threads, and the fused model counts as
+    faster only if it beat both loads, each by a 95% interval above 1 (op_benchmark.compare_in_rounds)."""
     from resnet_deploy import op_benchmark
 
     rows = []
-    log(f"eager-fused against eager, in {rounds} interleaved rounds:")
-    for n_threads in threads:
-        predictors = {"eager-fused": runtime.load(artifact_dir, "eager-fused", threads=n_threads),
-                      "eager": runtime.load(artifact_dir, "eager", threads=n_threads),
-                      "eager again": runtime.load(artifact_dir, "eager", threads=n_threads)}
-        for batch_size in batch_sizes:
-            batch = predictors["eager"].preprocess(images[:batch_size])
-            per_round = op_benchmark.interleaved_rounds_ms(
-                {name: partial(predictor.predict, batch) for name, predictor in predictors.items()},
-                seconds_per_model, rounds)
-            row = op_benchmark.compare_in_rounds(per_round, "eager-fused", "eager", "eager again")
-            rows.append({"threads": n_threads, "batch_size": batch_size, **row})
-            log(f"  threads {n_threads}  batch {batch_size:3d}: " +
-                op_benchmark.comparison_line(row, "eager-fused", "eager"))
+    predictors = {"eager-fused": runtime.load(artifact_dir, "eager-fused", threads=n_threads),
+                  "eager": runtime.load(artifact_dir, "eager", threads=n_threads),
+                  "eager again": runtime.load(artifact_dir, "eager", threads=n_threads)}
+    for batch_size in batch_sizes:
+        batch = predictors["eager"].preprocess(images[:batch_size])
+        per_round = op_benchmark.interleaved_rounds_ms(
+            {name: partial(predictor.predict, batch) for name, predictor in predictors.items()},
+            seconds_per_model, rounds)
+        row = op_benchmark.compare_in_rounds(per_round, "eager-fused", "eager", "eager again")
+        rows.append({"threads": n_threads, "batch_size": batch_size, **row})
+        log(f"  threads {n_threads}  batch {batch_size:3d}: " +
+            op_benchmark.comparison_line(row, "eager-fused", "eager"))
     return rows
 
 
@@ -341,11 +344,10 @@ def check_schema(report: Dict[str, Any]) -> None:
     for key in ("cpu", "cores", "versions", "git_commit", "threads", "timestamp"):
         if key not in report["env"]:
             raise ValueError(f"bench report env lacks {key!r}; expected the environment fingerprint")
-    if report.get("fused_vs_unfused") is not None and not all(
-            isinstance(row, dict) and row.get("verdict") in ("faster", "slower", "within the noise")
-            for row in report["fused_vs_unfused"]):
+    comparison = report.get("fused_vs_unfused")
+    if comparison is not None and not (isinstance(comparison, list) and all(map(_is_comparison_row, comparison))):
         raise ValueError("bench report field 'fused_vs_unfused' must be null or a list of comparison rows, each "
-                         "with a verdict")
+                         f"with {', '.join(COMPARISON_FIELDS)}, intervals as [low, high] and a verdict")
     for index, row in enumerate(report["results"]):
         for key, kind in RESULT_FIELDS.items():
             value = row.get(key)
@@ -354,6 +356,22 @@ def check_schema(report: Dict[str, Any]) -> None:
                 ok = isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
             if not ok:
                 raise ValueError(f"bench result {index} field {key!r} is {value!r}; expected a {kind.__name__}")
+
+
+COMPARISON_FIELDS = ("threads", "batch_size", "rounds", "candidate_ms", "baseline_ms", "baseline_again_ms", "speedup",
+                     "speedup_ci", "speedup_vs_again", "speedup_vs_again_ci", "a_a_ratio", "a_a_ci", "verdict")
+
+
+def _is_comparison_row(row: Any) -> bool:
+    def number(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
+
+    def interval(value):
+        return isinstance(value, list) and len(value) == 2 and all(map(number, value)) and value[0] <= value[1]
+    return (isinstance(row, dict) and all(key in row for key in COMPARISON_FIELDS)
+            and all(number(row[key]) for key in COMPARISON_FIELDS if not key.endswith("_ci") and key != "verdict")
+            and all(interval(row[key]) for key in ("speedup_ci", "speedup_vs_again_ci", "a_a_ci"))
+            and row["verdict"] in ("faster", "slower", "within the noise"))
 
 
 def load_report(path: Union[str, Path]) -> Dict[str, Any]:

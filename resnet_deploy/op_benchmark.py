@@ -73,17 +73,23 @@ class Row:
 
 def interleaved_rounds_ms(steps: Dict[str, Callable[[], object]], min_run_time: float,
                           rounds: int = ROUNDS) -> Dict[str, List[List[float]]]:
-    """Milliseconds of every timed call of each step, round by round: the steps take turns, `rounds` times,
-    min_run_time / rounds each, so that a slow spell of a shared machine weighs on every step alike, not on
-    whichever ran then."""
+    """Milliseconds per call of each step, round by round (each figure one timed call, or the mean of a block of
+    calls that torch.utils.benchmark sized): the steps take turns, `rounds` times, min_run_time / rounds each, so
+    that a slow spell of a shared machine weighs on every step alike, not on whichever ran then. Each round
+    starts one step further along the list, so that no step always runs first."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
     timers = {}
     for name, fn in steps.items():
         fn()  # warm-up (and, for torch.compile, compilation)
         timers[name] = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     per_round: Dict[str, List[List[float]]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, timer in timers.items():
-            per_round[name].append([t * 1e3 for t in timer.blocked_autorange(min_run_time=min_run_time / rounds).times])
+    names = list(timers)
+    for round_index in range(rounds):
+        start = round_index % len(names)
+        for name in names[start:] + names[:start]:
+            times = timers[name].blocked_autorange(min_run_time=min_run_time / rounds).times
+            per_round[name].append([t * 1e3 for t in times])
     return per_round
 
 
@@ -101,6 +107,9 @@ def paired_ratio(numerators: List[float], denominators: List[float], confidence:
     Given the per-round times of two steps timed in the same rounds, each ratio compares the two under the same
     machine conditions, which a ratio of overall medians does not; the interval says whether a difference of a
     few percent stands out from the round-to-round spread."""
+    if len(numerators) != len(denominators) or not len(numerators):
+        raise ValueError(f"paired_ratio needs as many numerators as denominators, at least one, got "
+                         f"{len(numerators)} and {len(denominators)}")
     ratios = np.asarray(numerators, dtype=float) / np.asarray(denominators, dtype=float)
     rng = np.random.default_rng(seed)
     medians = np.median(rng.choice(ratios, size=(resamples, ratios.size)), axis=1)
@@ -114,6 +123,8 @@ def verdict(speedup_cis: List[Tuple[float, float]]) -> str:
     together: faster or slower only if every interval lies on that side of 1. The baselines are identical model
     instances timed in the same rounds, which can land a few percent apart for a whole run (where their memory
     lies, say) in a way no number of rounds averages away: a speedup over just one of them could be that."""
+    if not speedup_cis:
+        raise ValueError("verdict needs at least one interval")
     if all(low > 1 for low, _ in speedup_cis):
         return "faster"
     if all(high < 1 for _, high in speedup_cis):
@@ -409,7 +420,7 @@ def end_to_end(image_size: int = 96, train_batch: int = 64, eval_batches=(1, 8, 
 
     The fused sites are a few percent of a step (convolutions dominate), so the difference is small next to a
     shared machine's noise. The models take turns, min_run_time seconds per model for the training step in
-    train_rounds rounds (about one step of each model per round), and half of that per model and batch size for
+    train_rounds rounds (one or two timed steps of each model per round), and half of that per model and batch size for
     eval in `rounds` rounds: short rounds, so that the models of one round run under the same conditions. Each
     row gives the median of each model's per-round medians, and the speedup as the median of the per-round
     ratios, with a 95% bootstrap interval (paired_ratio).

@@ -78,15 +78,29 @@ def test_bench_times_eager_fused_against_two_loads_of_eager_in_turns(artifacts, 
 
 
 def test_a_failing_fused_comparison_keeps_the_other_figures(artifacts, tmp_path, fast_op_benchmark, monkeypatch):
-    def broken(*args, **kwargs):
-        raise RuntimeError("out of memory")
-    monkeypatch.setattr(bench, "fused_vs_unfused", broken)
+    real = bench.fused_vs_unfused
+
+    def fails_with_two_threads(artifact_dir, images, batch_sizes, n_threads, *args, **kwargs):
+        if n_threads == 2:
+            raise RuntimeError("out of memory")
+        return real(artifact_dir, images, batch_sizes, n_threads, *args, **kwargs)
+    monkeypatch.setattr(bench, "fused_vs_unfused", fails_with_two_threads)
     report = bench.bench(artifacts, tmp_path / "out", backends=["eager", "eager-fused"], batch_sizes=[1],
-                         threads=[1], log=lambda line: None, **TINY)
-    assert report["fused_vs_unfused"] is None and len(report["results"]) == 2
-    assert report["errors"][0]["backend"] == "eager-fused against eager"
-    assert report["errors"][0]["error"] == "RuntimeError: out of memory"
-    assert bench.load_report(tmp_path / "out" / "bench.json")["results"] == report["results"]
+                         threads=[1, 2], log=lambda line: None, **TINY)
+    assert [(r["threads"], r["batch_size"]) for r in report["fused_vs_unfused"]] == [(1, 1)]
+    assert len(report["results"]) == 4
+    assert report["errors"] == [{"backend": "eager-fused against eager", "threads": 2,
+                                 "error": "RuntimeError: out of memory", "traceback": report["errors"][0]["traceback"]}]
+    assert bench.load_report(tmp_path / "out" / "bench.json")["fused_vs_unfused"] == report["fused_vs_unfused"]
+
+
+def test_fused_table_puts_each_figure_in_its_column():
+    row = {"threads": 2, "batch_size": 8, "rounds": 40, "candidate_ms": 10.0, "baseline_ms": 11.0,
+           "baseline_again_ms": 11.1, "speedup": 1.1, "speedup_ci": [1.05, 1.15], "speedup_vs_again": 1.11,
+           "speedup_vs_again_ci": [1.06, 1.16], "a_a_ratio": 1.01, "a_a_ci": [0.99, 1.03], "verdict": "faster"}
+    assert bench.fused_table({"fused_vs_unfused": [row]}).splitlines()[-1] == (
+        "| 2 | 8 | 10.00 | 11.00 | 1.100x (1.050-1.150) | 1.110x (1.060-1.160) | 1.010x (0.990-1.030) | faster |")
+    assert bench.fused_table({"fused_vs_unfused": None}) == ""
 
 
 def test_a_failing_backend_is_reported_and_the_others_still_run(artifacts, tmp_path, monkeypatch, capsys):
@@ -144,8 +158,14 @@ def test_check_schema_names_the_offending_field():
         bench.check_schema(dict(report, results=[dict(row, batch_size=True)]))
     with pytest.raises(ValueError, match="bench report field 'results' is None; expected a list"):
         bench.check_schema(dict(report, results=None))
-    with pytest.raises(ValueError, match="'fused_vs_unfused' must be null or a list of comparison rows"):
-        bench.check_schema(dict(report, fused_vs_unfused=[{"verdict": "probably faster"}]))
+    comparison = {"threads": 1, "batch_size": 1, "rounds": 40, "candidate_ms": 1.0, "baseline_ms": 1.1,
+                  "baseline_again_ms": 1.1, "speedup": 1.1, "speedup_ci": [1.0, 1.2], "speedup_vs_again": 1.1,
+                  "speedup_vs_again_ci": [1.0, 1.2], "a_a_ratio": 1.0, "a_a_ci": [0.9, 1.1], "verdict": "faster"}
+    bench.check_schema(dict(report, fused_vs_unfused=[comparison]))
+    for bad in ([dict(comparison, verdict="probably faster")], [{"verdict": "faster"}],
+                [dict(comparison, speedup_ci=[1.2, 1.0])], [dict(comparison, speedup=None)], 5):
+        with pytest.raises(ValueError, match="'fused_vs_unfused' must be null or a list of comparison rows"):
+            bench.check_schema(dict(report, fused_vs_unfused=bad))
     with pytest.raises(ValueError, match="bench report env lacks 'git_commit'"):
         bench.check_schema(dict(report, env={k: v for k, v in env.items() if k != "git_commit"}))
 

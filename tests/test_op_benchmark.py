@@ -51,11 +51,31 @@ def test_interleaved_medians_time_each_step_separately():
     assert calls["slow"] > 2 and calls["fast"] > 2
 
 
-def test_interleaved_rounds_keep_each_rounds_calls_apart():
-    per_round = op_benchmark.interleaved_rounds_ms({"a": lambda: None, "b": lambda: None}, min_run_time=0.03,
-                                                   rounds=3)
-    assert set(per_round) == {"a", "b"}
+def test_interleaved_rounds_take_turns_and_rotate_who_goes_first():
+    order = []
+    steps = {name: (lambda name=name: order.append(name)) for name in "abc"}
+    per_round = op_benchmark.interleaved_rounds_ms(steps, min_run_time=0.03, rounds=3)
     assert all(len(runs) == 3 and all(len(calls) >= 1 for calls in runs) for runs in per_round.values())
+    # after one warm-up call each, the rounds run a, b, c, then b, c, a, then c, a, b (each step's calls together)
+    turns = [name for i, name in enumerate(order[3:]) if i == 0 or order[3 + i - 1] != name]
+    assert turns == list("abcbcacab")
+    with pytest.raises(ValueError, match="rounds must be at least 1"):
+        op_benchmark.interleaved_rounds_ms(steps, min_run_time=0.03, rounds=0)
+
+
+def test_compare_in_rounds_sets_the_candidate_against_each_baseline():
+    per_round = {"fused": [[10.0, 10.2], [20.0]], "unfused": [[11.0, 11.22], [22.0]], "again": [[11.1], [22.2]]}
+    row = op_benchmark.compare_in_rounds(per_round, "fused", "unfused", "again")
+    assert row["rounds"] == 2
+    assert row["candidate_ms"] == pytest.approx(15.05) and row["baseline_ms"] == pytest.approx(16.555)
+    assert row["speedup"] == pytest.approx(1.1) and row["speedup_ci"] == pytest.approx([1.1, 1.1])
+    assert row["speedup_vs_again"] == pytest.approx((11.1 / 10.1 + 22.2 / 20.0) / 2)
+    assert row["a_a_ratio"] == pytest.approx((11.1 / 11.11 + 22.2 / 22.0) / 2)
+    assert row["verdict"] == "faster"
+    # slower than one baseline, level with the other: no verdict; slower than both: slower
+    mixed = op_benchmark.compare_in_rounds(per_round, "again", "fused", "unfused")
+    assert mixed["speedup"] < 1 and mixed["verdict"] == "within the noise"
+    assert op_benchmark.compare_in_rounds(per_round, "again", "fused", "fused")["verdict"] == "slower"
 
 
 def test_paired_ratio_is_the_median_of_round_by_round_ratios():
@@ -95,6 +115,15 @@ def test_paired_ratio_interval_covers_one_for_identical_steps_and_excludes_it_fo
 ])
 def test_a_speedup_counts_only_over_every_identical_baseline(intervals, expected):
     assert op_benchmark.verdict(intervals) == expected
+
+
+def test_comparisons_refuse_what_they_cannot_compare():
+    with pytest.raises(ValueError, match="at least one interval"):
+        op_benchmark.verdict([])
+    with pytest.raises(ValueError, match="as many numerators as denominators"):
+        op_benchmark.paired_ratio([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="at least one"):
+        op_benchmark.paired_ratio([], [])
 
 
 def test_store_comparison_restores_the_threshold():

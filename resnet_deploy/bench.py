@@ -353,7 +353,7 @@ def check_schema(report: Dict[str, Any]) -> None:
             value = row.get(key)
             ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
             if kind is float:
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+                ok = _is_finite_number(value)
             if not ok:
                 raise ValueError(f"bench result {index} field {key!r} is {value!r}; expected a {kind.__name__}")
 
@@ -362,16 +362,21 @@ COMPARISON_FIELDS = ("threads", "batch_size", "rounds", "candidate_ms", "baselin
                      "speedup_ci", "speedup_vs_again", "speedup_vs_again_ci", "a_a_ratio", "a_a_ci", "verdict")
 
 
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
+
+
 def _is_comparison_row(row: Any) -> bool:
-    def number(value):
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
+    from resnet_deploy.op_benchmark import VERDICTS
 
     def interval(value):
-        return isinstance(value, list) and len(value) == 2 and all(map(number, value)) and value[0] <= value[1]
+        return (isinstance(value, list) and len(value) == 2 and all(map(_is_finite_number, value))
+                and value[0] <= value[1])
     return (isinstance(row, dict) and all(key in row for key in COMPARISON_FIELDS)
-            and all(number(row[key]) for key in COMPARISON_FIELDS if not key.endswith("_ci") and key != "verdict")
+            and all(_is_finite_number(row[key]) for key in COMPARISON_FIELDS
+                    if not key.endswith("_ci") and key != "verdict")
             and all(interval(row[key]) for key in ("speedup_ci", "speedup_vs_again_ci", "a_a_ci"))
-            and row["verdict"] in ("faster", "slower", "within the noise"))
+            and row["verdict"] in VERDICTS)
 
 
 def load_report(path: Union[str, Path]) -> Dict[str, Any]:

@@ -118,6 +118,9 @@ def paired_ratio(numerators: List[float], denominators: List[float], confidence:
     return float(np.median(ratios)), float(low), float(high)
 
 
+VERDICTS = ("faster", "slower", "within the noise")
+
+
 def verdict(speedup_cis: List[Tuple[float, float]]) -> str:
     """What the confidence intervals of one step's speedups over several baselines (baseline time / its time) say
     together: faster or slower only if every interval lies on that side of 1. The baselines are identical model
@@ -125,11 +128,12 @@ def verdict(speedup_cis: List[Tuple[float, float]]) -> str:
     lies, say) in a way no number of rounds averages away: a speedup over just one of them could be that."""
     if not speedup_cis:
         raise ValueError("verdict needs at least one interval")
+    faster, slower, within_the_noise = VERDICTS
     if all(low > 1 for low, _ in speedup_cis):
-        return "faster"
+        return faster
     if all(high < 1 for _, high in speedup_cis):
-        return "slower"
-    return "within the noise"
+        return slower
+    return within_the_noise
 
 
 def compare_in_rounds(per_round: Dict[str, List[List[float]]], candidate: str, baseline: str,

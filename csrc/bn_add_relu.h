@@ -61,10 +61,11 @@ RD_HOST_DEVICE ChannelAffine<acc_t> bn_affine(acc_t mean, acc_t invstd, acc_t we
   return {scale, bias - mean * scale};
 }
 
-// Written as a comparison (not fmax) so that NaN propagates, as torch.relu does.
+// Written as a comparison (not fmax) so that NaN propagates, as torch.relu does. The ReLU functions write zero as
+// acc_t{} so that acc_t may also be a GCC vector type (cpu/channel_lanes.h), compared and selected lane by lane.
 template <typename acc_t>
 RD_HOST_DEVICE acc_t relu(acc_t v) {
-  return v < acc_t(0) ? acc_t(0) : v;
+  return v < acc_t{} ? acc_t{} : v;
 }
 
 template <typename acc_t>
@@ -75,7 +76,7 @@ RD_HOST_DEVICE acc_t bn_add_relu_forward(acc_t x, acc_t residual, acc_t scale, a
 // dL/dz for z = bn(x) + residual, read from the saved output: out > 0 exactly where z > 0.
 template <typename acc_t>
 RD_HOST_DEVICE acc_t relu_backward(acc_t grad_out, acc_t out) {
-  return out > acc_t(0) ? grad_out : acc_t(0);
+  return out > acc_t{} ? grad_out : acc_t{};
 }
 
 // The same, for a forward without residual, from its input instead of its output, which spares the backward
@@ -84,7 +85,7 @@ RD_HOST_DEVICE acc_t relu_backward(acc_t grad_out, acc_t out) {
 // float64). One comparison, not relu's and then this one's: scalar code compiles each into a branch.
 template <typename acc_t>
 RD_HOST_DEVICE acc_t relu_backward_from_input(acc_t grad_out, acc_t x, acc_t scale, acc_t shift) {
-  return x * scale + shift > acc_t(0) ? grad_out : acc_t(0);
+  return x * scale + shift > acc_t{} ? grad_out : acc_t{};
 }
 
 // The input gradient is a per-channel affine function of (dz, x): dx = a * dz + b * x + c.

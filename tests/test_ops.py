@@ -21,10 +21,11 @@ FORMATS = [torch.contiguous_format, torch.channels_last]
 
 # Odd shapes on purpose: C not a multiple of 8, 1x1 planes, N = 1, non-square planes; C = 64 and 128 (the
 # channels_last sums specialized for them) with a row count not a multiple of the four rows summed together;
-# small NCHW planes walked as long rows (1,170 values, not a whole number of vectors) over three rows, and over
-# enough rows (16 of 2,304 values) to be split between threads.
+# small NCHW planes walked as long rows (1,170 values, not a whole number of vectors) over three rows; and small
+# float32 NCHW planes walked in vector lanes, 16 channels a block (C a multiple of 16, over enough samples, 16 of
+# 2,304 values, to be split between threads) and 8 (C = 24, with AVX2 or AVX-512; 49-value planes).
 SHAPES = [(2, 3, 5, 7), (4, 13, 1, 1), (1, 13, 1, 1), (3, 17, 9, 11), (8, 64, 6, 6), (2, 5, 3, 1), (1, 9, 4, 4),
-          (1, 64, 3, 5), (3, 128, 5, 3), (3, 130, 3, 3), (16, 256, 3, 3)]
+          (1, 64, 3, 5), (3, 128, 5, 3), (3, 130, 3, 3), (16, 256, 3, 3), (3, 24, 7, 7)]
 
 
 def _tolerances(dtype):

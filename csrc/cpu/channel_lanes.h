@@ -1,0 +1,88 @@
+// Per-channel values spread across vector lanes, for NCHW tensors with small planes (3x3, 6x6, ...).
+//
+// Walked in memory order, L channels of such a tensor are L * H * W contiguous values: H * W vectors of L lanes,
+// lane l of vector k holding channel (L * k + l) / (H * W) of the block. One vector of the L channels' values
+// (scale, shift, ...), permuted by a fixed index vector per k, gives each lane its channel's value in a register.
+// The alternative, each per-channel value repeated H * W times in memory, reads one more array per value from
+// wherever it fits (18 KB per array at 512x3x3).
+//
+// GCC vector extensions keep the per-element math in bn_add_relu.h: its functions take the vector types as acc_t.
+// Kernels are compiled for AVX-512 (16 lanes) and for AVX2 (8 lanes) with target attributes, and used only when
+// the CPU has the instruction set and L divides the channel count (lane_width).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define RD_HAVE_CHANNEL_LANES 1
+#define RD_LANES_16 __attribute__((target("avx512f")))
+#define RD_LANES_8 __attribute__((target("avx2,fma")))
+#else
+#define RD_HAVE_CHANNEL_LANES 0
+#endif
+
+namespace resnet_deploy {
+
+#if RD_HAVE_CHANNEL_LANES
+// The vector types' arguments and returns inside always-inlined functions trigger GCC's note that a vector wider
+// than the baseline ISA changes the calling convention (-Wpsabi): nothing here is called across that boundary.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+template <int L>
+struct Lanes {
+  typedef float Floats __attribute__((vector_size(4 * L)));
+  typedef int32_t Ints __attribute__((vector_size(4 * L)));
+};
+
+// Unaligned loads and stores of a whole vector.
+template <typename V, typename T>
+inline __attribute__((always_inline)) V load_lanes(const T* p) {
+  V v;
+  __builtin_memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V>
+inline __attribute__((always_inline)) void store_lanes(float* p, V v) {
+  __builtin_memcpy(p, &v, sizeof(V));
+}
+
+// Lane l of the result holds values[lane_channel[l]].
+template <typename V, typename I>
+inline __attribute__((always_inline)) V spread(V values, I lane_channel) {
+  return __builtin_shuffle(values, lane_channel);
+}
+
+#pragma GCC diagnostic pop
+
+// 16 with AVX-512, 8 with AVX2 (and FMA), whichever the CPU has and divides `channels`; 0 when neither.
+inline int lane_width(int64_t channels) {
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx512 && channels % 16 == 0) return 16;
+  if (avx2 && channels % 8 == 0) return 8;
+  return 0;
+}
+#else
+inline int lane_width(int64_t) { return 0; }
+#endif
+
+// The index vectors of a block of `lanes` channels with `plane` values each: entry k * lanes + l is
+// (k * lanes + l) / plane, the channel of lane l in the block's vector k.
+inline std::vector<int32_t> lane_channels(int lanes, int64_t plane) {
+  std::vector<int32_t> index(static_cast<size_t>(lanes * plane));
+  int32_t channel = 0;
+  int64_t into_plane = 0;
+  for (int32_t& entry : index) {
+    entry = channel;
+    if (++into_plane == plane) {
+      into_plane = 0;
+      ++channel;
+    }
+  }
+  return index;
+}
+
+}  // namespace resnet_deploy

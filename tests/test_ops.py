@@ -23,9 +23,10 @@ FORMATS = [torch.contiguous_format, torch.channels_last]
 # channels_last sums specialized for them) with a row count not a multiple of the four rows summed together;
 # small NCHW planes walked as long rows (1,170 values, not a whole number of vectors) over three rows; and small
 # float32 NCHW planes walked in vector lanes, 16 channels a block (C a multiple of 16, over enough samples, 16 of
-# 2,304 values, to be split between threads) and 8 (C = 24, with AVX2 or AVX-512; 49-value planes).
+# 2,304 values, to be split between threads) and 8 (C = 24, with AVX2 or AVX-512: 49-value planes over three
+# samples, summed one at a time, and 9-value planes over 160 samples, split between threads and summed four at once).
 SHAPES = [(2, 3, 5, 7), (4, 13, 1, 1), (1, 13, 1, 1), (3, 17, 9, 11), (8, 64, 6, 6), (2, 5, 3, 1), (1, 9, 4, 4),
-          (1, 64, 3, 5), (3, 128, 5, 3), (3, 130, 3, 3), (16, 256, 3, 3), (3, 24, 7, 7)]
+          (1, 64, 3, 5), (3, 128, 5, 3), (3, 130, 3, 3), (16, 256, 3, 3), (3, 24, 7, 7), (160, 24, 3, 3)]
 
 
 def _tolerances(dtype):
@@ -260,8 +261,9 @@ def test_momentum_and_missing_running_stats_in_training():
     torch.testing.assert_close(s["running_var"], ref["running_var"])
 
 
-def test_nan_propagates_like_relu():
-    s = sample_inputs((2, 3, 2, 2), "cpu", torch.float32, torch.contiguous_format, True, requires_grad=False)
+@pytest.mark.parametrize("shape", [(2, 3, 2, 2), (2, 16, 2, 2)])  # small planes as rows, and in vector lanes
+def test_nan_propagates_like_relu(shape):
+    s = sample_inputs(shape, "cpu", torch.float32, torch.contiguous_format, True, requires_grad=False)
     s["residual"][0, 1, 0, 0] = float("nan")
     out = fused(s, training=False)
     assert torch.isnan(out[0, 1, 0, 0]) and torch.isfinite(out).sum() == out.numel() - 1
@@ -269,9 +271,10 @@ def test_nan_propagates_like_relu():
 
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("memory_format", FORMATS)
-def test_nan_and_inf_inputs_poison_their_channel_like_batchnorm(training, memory_format):
+@pytest.mark.parametrize("shape", [(4, 3, 5, 5), (4, 16, 3, 3)])  # NCHW small planes as rows, and in vector lanes
+def test_nan_and_inf_inputs_poison_their_channel_like_batchnorm(training, memory_format, shape):
     # One NaN or infinite value makes its channel's batch statistics NaN, and so its outputs and running statistics.
-    s = sample_inputs((4, 3, 5, 5), "cpu", torch.float32, memory_format, False, requires_grad=False)
+    s = sample_inputs(shape, "cpu", torch.float32, memory_format, False, requires_grad=False)
     s["input"][1, 1, 2, 2] = float("nan")
     s["input"][2, 2, 0, 0] = float("inf")
     s["running_var"][0] = float("nan")  # read in eval only
@@ -340,12 +343,14 @@ def test_opcheck(training, memory_format):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(4, 64, 24, 24), (8, 64, 6, 6), (8, 512, 3, 3), (3, 17, 1, 1)])
+@pytest.mark.parametrize("shape", [(4, 64, 24, 24), (8, 64, 6, 6), (8, 512, 3, 3), (6, 24, 3, 3), (3, 17, 1, 1),
+                                   (5, 13, 3, 3)])
 @pytest.mark.parametrize("memory_format", FORMATS)
 def test_backward_with_mask_from_input_matches_mask_from_output(dtype, shape, memory_format):
     # After a forward without residual the backward may take the ReLU mask from the input (out=None): every walk
-    # (NCHW planes, small planes as rows, channels_last rows) must give what reading out gives. (Streamed outputs
-    # go through it in test_streamed_outputs_match_unfused_expression.)
+    # (NCHW planes; small planes in 16 or 8 vector lanes, float32, or as rows with repeated values; channels_last
+    # rows) must give what reading out gives. (Streamed outputs go through it in
+    # test_streamed_outputs_match_unfused_expression.)
     # Half the outputs are zero, so a mask off by one channel's scale or shift would show.
     s = sample_inputs(shape, "cpu", dtype, memory_format, False, requires_grad=False)
     out, mean, invstd = OPS.bn_add_relu_train(s["input"], None, s["weight"], s["bias"], 1e-5)

@@ -833,10 +833,11 @@ RD_CPU_CLONES void channel_backward_coeffs(const double* __restrict__ sum_dz, co
 
 // ---- Passes ----
 
-// NCHW planes smaller than this are walked as channels_last rows of C*H*W values (one sample each), with every
-// per-channel value repeated H*W times, so that inner loops are long enough to vectorize. A 6x6 plane (36 values)
-// in a loop of its own runs two 16-lane steps and a scalar tail, and pays a reduction's set-up and final lane sum
-// per plane: walked as rows, a training step at 64x256x6x6 took a quarter to a third less time.
+// NCHW planes smaller than this are walked as channels_last rows of C*H*W values (one sample each), so that inner
+// loops are long enough to vectorize: in vector lanes where small_plane_lanes allows, else with every per-channel
+// value repeated H*W times. A 6x6 plane (36 values) in a loop of its own runs two 16-lane steps and a scalar tail,
+// and pays a reduction's set-up and final lane sum per plane: walked as rows, a training step at 64x256x6x6 took a
+// quarter to a third less time.
 constexpr int64_t kSmallPlane = 64;
 
 bool walk_as_rows(const Geometry& g) {
@@ -849,7 +850,8 @@ Geometry rows_geometry(const Geometry& g) {
 
 // The vector width with which a pass over g walks whole samples with per-channel values in lanes
 // (cpu/channel_lanes.h): float32 only, small NCHW planes only, or 0 to walk them as rows with repeated values (see
-// PerWalkedChannel). In lanes, NCHW steps at 3x3 and 6x6 planes took 0.77x-0.97x of their time as rows.
+// PerWalkedChannel). The elementwise passes use it only when their output is not streamed. In lanes, NCHW steps at
+// 3x3 and 6x6 planes took 0.77x-0.97x of their time as rows.
 template <typename scalar_t>
 int small_plane_lanes(const Geometry& g) {
   return std::is_same_v<scalar_t, float> && walk_as_rows(g) && g.plane > 1 ? lane_width(g.channels) : 0;
@@ -875,8 +877,9 @@ RD_CPU_CLONES void repeat_each(const T* __restrict__ values, int64_t count, int6
   }
 }
 
-// Per-channel values as the walk of g reads them: the values themselves, or, when g is walked as rows, each
-// repeated H*W times (at batch 1 writing them is as much work as the data, so it is done in vector stores).
+// Per-channel values as the walk of g reads them: the values themselves, or, when g is walked as rows with
+// repeated values (not in lanes), each repeated H*W times (at batch 1 writing them is as much work as the data, so
+// it is done in vector stores).
 // Each thread repeats them into memory of its own, on its first data() call: repeated once by the calling thread
 // and read by both, the arrays' lines were pulled to the other core on every call and taken back by the next
 // call's writes, which cost more than the whole walk at 8x512x3x3 (42 µs per eval with 2 threads, 22 with 1).

@@ -8,7 +8,8 @@
 //
 // GCC vector extensions keep the per-element math in bn_add_relu.h: its functions take the vector types as acc_t.
 // Kernels are compiled for AVX-512 (16 lanes) and for AVX2 (8 lanes) with target attributes, and used only when
-// the CPU has the instruction set and L divides the channel count (lane_width).
+// the CPU has the instruction set and L divides the channel count (lane_width), and only for float32 outputs written
+// with normal stores: a pass whose output is streamed (cpu/streaming_stores.h) walks rows.
 #pragma once
 
 #include <cstdint>
@@ -16,8 +17,11 @@
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define RD_HAVE_CHANNEL_LANES 1
-#define RD_LANES_16 __attribute__((target("avx512f")))
-#define RD_LANES_8 __attribute__((target("avx2,fma")))
+// The instruction-set levels of the inner loops' x86-64-v4 and x86-64-v3 clones (RD_CPU_CLONES), so that a CPU
+// runs the lane kernels with the same instructions, fused multiply-adds included, as the rows walk's clones: a
+// backward's ReLU mask recomputed from the input then agrees with the forward's output, whichever walk each took.
+#define RD_LANES_16 __attribute__((target("arch=x86-64-v4")))
+#define RD_LANES_8 __attribute__((target("arch=x86-64-v3")))
 #else
 #define RD_HAVE_CHANNEL_LANES 0
 #endif
@@ -57,12 +61,13 @@ inline __attribute__((always_inline)) V spread(V values, I lane_channel) {
 
 #pragma GCC diagnostic pop
 
-// 16 with AVX-512, 8 with AVX2 (and FMA), whichever the CPU has and divides `channels`; 0 when neither.
+// 16 on an x86-64-v4 CPU (AVX-512), 8 on an x86-64-v3 one (AVX2, FMA), whichever the CPU has and divides
+// `channels`; 0 when neither.
 inline int lane_width(int64_t channels) {
-  static const bool avx512 = __builtin_cpu_supports("avx512f");
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (avx512 && channels % 16 == 0) return 16;
-  if (avx2 && channels % 8 == 0) return 8;
+  static const bool v4 = __builtin_cpu_supports("x86-64-v4");
+  static const bool v3 = __builtin_cpu_supports("x86-64-v3");
+  if (v4 && channels % 16 == 0) return 16;
+  if (v3 && channels % 8 == 0) return 8;
   return 0;
 }
 #else

@@ -23,3 +23,10 @@ def build_info():
     info = dict(module.build_info())
     info["path"] = module.__file__
     return info
+
+
+def cpu_kernels():
+    """Which CPU kernels run on this CPU: {'level': instruction-set level of the inner loops, 'small_plane_lanes':
+    vector lanes of the small NCHW planes' walk (0: rows of repeated values), 'streaming_min_bytes': outputs from
+    this size are written with streaming stores (negative: none)}."""
+    return dict(load().cpu_kernels())

@@ -36,6 +36,12 @@ def run_info(args: argparse.Namespace) -> None:
     print(f"torchvision {torchvision.__version__}")
     for key, value in _library.build_info().items():
         print(f"operator library {key}: {value}")
+    kernels = _library.cpu_kernels()
+    lanes = kernels["small_plane_lanes"]
+    streaming = kernels["streaming_min_bytes"]
+    print(f"operator library CPU kernels: {kernels['level']}; small NCHW planes "
+          + (f"in {lanes} vector lanes" if lanes else "as rows of repeated values") + "; streaming stores "
+          + (f"from {streaming / 2**20:.1f} MB" if streaming >= 0 else "off"))
     print(f"malloc: {allocator.status()}")
 
 

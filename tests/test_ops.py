@@ -531,6 +531,15 @@ def test_build_info_names_this_torch_and_openmp():
     assert resnet_deploy._C.__file__ == info["path"]
 
 
+def test_cpu_kernels_match_torchs_own_cpu_capability():
+    # PyTorch detects the CPU on its own: its AVX512 kernels need what the x86-64-v4 level names, its AVX2 ones v3.
+    kernels = _library.cpu_kernels()
+    expected = {"AVX512": ("x86-64-v4 (AVX-512)", 16), "AVX2": ("x86-64-v3 (AVX2)", 8)}
+    level, lanes = expected.get(torch.backends.cpu.get_cpu_capability(), (kernels["level"], 0))
+    assert kernels["level"] == level and kernels["small_plane_lanes"] == lanes
+    assert kernels["streaming_min_bytes"] == _library.load().streaming_min_bytes()
+
+
 def test_random_shapes_sweep():
     """A seeded sweep over shapes the fixed list does not name, float32, both layouts, training."""
     rng = random.Random(7)

@@ -176,6 +176,7 @@ def test_info_prints_versions_and_build_info(capsys):
     printed = capsys.readouterr().out
     assert f"resnet_deploy {resnet_deploy.__version__}" in printed and f"torch {torch.__version__}" in printed
     assert "operator library cuda:" in printed and "operator library path:" in printed
+    assert "operator library CPU kernels: " in printed and "small NCHW planes" in printed
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):

@@ -70,8 +70,18 @@ inline int lane_width(int64_t channels) {
   if (v3 && channels % 8 == 0) return 8;
   return 0;
 }
+
+// The instruction-set level the CPU kernels run at on this CPU: the clone of the inner loops the loader picks
+// (RD_CPU_CLONES in bn_add_relu.cpp, built under the same conditions), and the lane kernels' width.
+inline const char* cpu_kernel_level() {
+  if (__builtin_cpu_supports("x86-64-v4")) return "x86-64-v4 (AVX-512)";
+  if (__builtin_cpu_supports("x86-64-v3")) return "x86-64-v3 (AVX2)";
+  return "x86-64 (baseline)";
+}
 #else
 inline int lane_width(int64_t) { return 0; }
+
+inline const char* cpu_kernel_level() { return "portable (one build of the inner loops)"; }
 #endif
 
 // The index vectors of a block of `lanes` channels with `plane` values each: entry k * lanes + l is

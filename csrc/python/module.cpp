@@ -2,6 +2,7 @@
 // the operators; it also tells how the library was built.
 #include <torch/extension.h>
 
+#include "cpu/channel_lanes.h"
 #include "cpu/streaming_stores.h"
 
 #ifndef RESNET_DEPLOY_CUDA_ARCHS
@@ -22,6 +23,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
     return info;
   });
+  m.def("cpu_kernels", [] {
+    pybind11::dict info;
+    info["level"] = std::string(resnet_deploy::cpu_kernel_level());
+    // Lanes of the small NCHW planes' walk for a channel count that is a multiple of 16 (0: rows of repeated values).
+    info["small_plane_lanes"] = resnet_deploy::lane_width(16);
+    info["streaming_min_bytes"] = resnet_deploy::streaming_min_bytes();
+    return info;
+  }, "which CPU kernels run on this CPU: instruction-set level, small-plane lanes, streaming-store threshold");
   m.def("streaming_min_bytes", &resnet_deploy::streaming_min_bytes,
         "float32 CPU outputs of at least this many bytes are written with streaming stores (negative: none)");
   m.def("set_streaming_min_bytes", &resnet_deploy::set_streaming_min_bytes, pybind11::arg("bytes"),

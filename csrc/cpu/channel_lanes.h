@@ -61,22 +61,28 @@ inline __attribute__((always_inline)) V spread(V values, I lane_channel) {
 
 #pragma GCC diagnostic pop
 
+// The x86-64 level (4, 3, or 1 for the baseline) the CPU kernels run at on this CPU: that of the clone of the
+// inner loops the loader picks (RD_CPU_CLONES in bn_add_relu.cpp, built under the same conditions), and so the
+// lane kernels' width.
+inline int x86_64_level() {
+  static const int level = __builtin_cpu_supports("x86-64-v4") ? 4 : __builtin_cpu_supports("x86-64-v3") ? 3 : 1;
+  return level;
+}
+
 // 16 on an x86-64-v4 CPU (AVX-512), 8 on an x86-64-v3 one (AVX2, FMA), whichever the CPU has and divides
 // `channels`; 0 when neither.
 inline int lane_width(int64_t channels) {
-  static const bool v4 = __builtin_cpu_supports("x86-64-v4");
-  static const bool v3 = __builtin_cpu_supports("x86-64-v3");
-  if (v4 && channels % 16 == 0) return 16;
-  if (v3 && channels % 8 == 0) return 8;
+  if (x86_64_level() >= 4 && channels % 16 == 0) return 16;
+  if (x86_64_level() >= 3 && channels % 8 == 0) return 8;
   return 0;
 }
 
-// The instruction-set level the CPU kernels run at on this CPU: the clone of the inner loops the loader picks
-// (RD_CPU_CLONES in bn_add_relu.cpp, built under the same conditions), and the lane kernels' width.
 inline const char* cpu_kernel_level() {
-  if (__builtin_cpu_supports("x86-64-v4")) return "x86-64-v4 (AVX-512)";
-  if (__builtin_cpu_supports("x86-64-v3")) return "x86-64-v3 (AVX2)";
-  return "x86-64 (baseline)";
+  switch (x86_64_level()) {
+    case 4: return "x86-64-v4 (AVX-512)";
+    case 3: return "x86-64-v3 (AVX2)";
+    default: return "x86-64 (baseline)";
+  }
 }
 #else
 inline int lane_width(int64_t) { return 0; }

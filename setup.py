@@ -60,8 +60,7 @@ def want_cuda():
 
 def extension():
     with_cuda = want_cuda()
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    sources.append("csrc/python/module.cpp")
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/python/*.cpp"))
     macros = [("RESNET_DEPLOY_WITH_CUDA", "1" if with_cuda else "0"),
               ("RESNET_DEPLOY_TORCH_VERSION", f'"{torch.__version__}"')]
     # -fopenmp: at::parallel_for is an OpenMP header template that runs serially unless the extension itself is

@@ -2,32 +2,17 @@
 // bn_add_relu_backward (see save_for_backward for where its ReLU mask comes from). The forwards are functional:
 // running statistics are updated by the caller with bn_update_running_stats.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
-#include <optional>
+#include "op_signatures.h"
 
 namespace resnet_deploy {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-using OptionalTensor = std::optional<at::Tensor>;
-
-using TrainSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const OptionalTensor&,
-                                                                const OptionalTensor&, const OptionalTensor&, double);
-using EvalSig = at::Tensor(const at::Tensor&, const OptionalTensor&, const at::Tensor&, const at::Tensor&,
-                           const OptionalTensor&, const OptionalTensor&, double);
-using BackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const OptionalTensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const OptionalTensor&, const OptionalTensor&, bool, bool);
-
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
 
 // The forward kernels, called below the autograd layer (from the autograd functions, or directly when there is
 // no gradient to record).
@@ -47,8 +32,6 @@ at::Tensor eval_below_autograd(const at::Tensor& input, const OptionalTensor& re
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   return eval.call(input, residual, running_mean, running_var, weight, bias, eps);
 }
-
-bool present(const OptionalTensor& tensor) { return tensor.has_value() && tensor->defined(); }
 
 bool requires_grad(const OptionalTensor& tensor) { return present(tensor) && tensor->requires_grad(); }
 

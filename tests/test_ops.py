@@ -5,6 +5,8 @@ import random
 import re
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -154,6 +156,84 @@ def test_no_autograd_record_without_gradients():
 
 
 
+# ---- the two ways batch_norm_add_relu reaches the operators ----
+
+class _RecordingMode(torch.overrides.TorchFunctionMode):
+    """Records every function called under it and runs it unchanged, as a user's override may."""
+
+    def __init__(self):
+        super().__init__()
+        self.called = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.called.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(params=["eager", "torch.ops"])
+def call_path(request):
+    """In eager mode batch_norm_add_relu calls resnet_deploy._C; under TorchScript, torch.compile or a
+    __torch_function__ override it calls torch.ops.resnet_deploy.* (here: under a recording override)."""
+    if request.param == "eager":
+        yield None
+    else:
+        with _RecordingMode() as mode:
+            yield mode
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("memory_format", FORMATS)
+def test_both_call_paths_match_unfused_expression(call_path, memory_format, with_residual, training):
+    s_fused = sample_inputs((4, 16, 3, 5), "cpu", torch.float64, memory_format, with_residual)
+    s_ref = clone_sample(s_fused)
+    out = fused(s_fused, training, momentum=0.3)
+    expected = reference(s_ref, training, momentum=0.3)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(expected)
+    for got, want in zip(torch.autograd.grad(out, differentiable(s_fused), grad),
+                         torch.autograd.grad(expected, differentiable(s_ref), grad)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(s_fused[name], s_ref[name], rtol=1e-10, atol=1e-10)
+    if call_path is not None:  # the override saw the operators
+        assert (OPS.bn_add_relu_train if training else OPS.bn_add_relu_eval) in call_path.called
+        assert (OPS.bn_update_running_stats in call_path.called) == training
+
+
+def test_eager_calls_release_the_gil():
+    # Another Python thread runs while a call is inside the kernels. Holding the GIL, the call would let it run
+    # only at its edges, for a switch interval (0.1 ms here) at most, not across most of the call.
+    x = torch.randn(32, 64, 96, 96)
+    stats = torch.zeros(64), torch.ones(64)
+    windows, stamps = [], []
+    calls_done = threading.Event()
+
+    def call_repeatedly():
+        for _ in range(10):
+            start = time.perf_counter()
+            batch_norm_add_relu(x, x, *stats, None, None, training=True)
+            windows.append((start, time.perf_counter()))
+        calls_done.set()
+
+    threads, interval = torch.get_num_threads(), sys.getswitchinterval()
+    torch.set_num_threads(1)  # leaves a core to this thread
+    sys.setswitchinterval(1e-4)
+    try:
+        caller = threading.Thread(target=call_repeatedly)
+        caller.start()
+        while not calls_done.is_set():
+            stamps.append(time.perf_counter())
+        caller.join()
+    finally:
+        torch.set_num_threads(threads)
+        sys.setswitchinterval(interval)
+    covered = []
+    for start, end in windows:
+        inside = [t for t in stamps if start < t < end]
+        covered.append((inside[-1] - inside[0]) / (end - start) if len(inside) > 1 else 0.0)
+    assert sorted(covered)[len(covered) // 2] > 0.5, covered
+
 class _BlockGradient(torch.autograd.Function):
     """Identity forward; sends no gradient back (None), as a user's custom function may."""
 
@@ -248,7 +328,7 @@ def test_gradcheck(training, with_residual, memory_format):
     assert torch.autograd.gradcheck(fn, differentiable(s), eps=1e-6, atol=1e-5)
 
 
-def test_momentum_and_missing_running_stats_in_training():
+def test_momentum_and_missing_running_stats_in_training(call_path):
     s = sample_inputs((4, 6, 3, 3), "cpu", torch.float64, torch.contiguous_format, True)
     ref = clone_sample(s)
     fused_out = batch_norm_add_relu(s["input"], s["residual"], None, None, s["weight"], s["bias"], True)
@@ -287,7 +367,7 @@ def test_nan_and_inf_inputs_poison_their_channel_like_batchnorm(training, memory
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("shape", [(2, 4, 0, 3), (2, 4, 3, 0), (0, 4, 3, 3)])
 @pytest.mark.parametrize("with_residual", [True, False])
-def test_empty_input_gives_empty_output_like_batchnorm(training, shape, with_residual):
+def test_empty_input_gives_empty_output_like_batchnorm(call_path, training, shape, with_residual):
     s = sample_inputs(shape, "cpu", torch.float32, torch.contiguous_format, with_residual)
     ref = clone_sample(s)
     out, expected = fused(s, training), reference(ref, training)
@@ -302,7 +382,7 @@ def test_empty_input_gives_empty_output_like_batchnorm(training, shape, with_res
 
 
 @pytest.mark.parametrize("training", [True, False])
-def test_no_channels_is_refused(training):
+def test_no_channels_is_refused(call_path, training):
     s = sample_inputs((2, 0, 3, 3), "cpu", torch.float32, torch.contiguous_format, True, requires_grad=False)
     with pytest.raises(ValueError, match=r"expected at least one channel, got input of shape \[2, 0, 3, 3\]"):
         fused(s, training)
@@ -480,14 +560,14 @@ def _good():
     (lambda s: s.update(residual=s["residual"].to("meta")), ValueError,
      r"all tensors must be on the input's device cpu, got one on meta"),
 ])
-def test_bad_input_is_refused_clearly(change, error, message):
+def test_bad_input_is_refused_clearly(call_path, change, error, message):
     s = _good()
     change(s)
     with pytest.raises(error, match=message):
         fused(s, training=False)
 
 
-def test_running_stats_of_another_channel_count_are_refused_before_the_forward():
+def test_running_stats_of_another_channel_count_are_refused_before_the_forward(call_path):
     s = _good()
     s["running_mean"] = torch.zeros(3)
     with pytest.raises(ValueError, match=r"running_mean must have one value per channel \(shape \[4\]\), got shape "
@@ -495,7 +575,7 @@ def test_running_stats_of_another_channel_count_are_refused_before_the_forward()
         fused(s, training=True)
 
 
-def test_training_needs_more_than_one_value_per_channel():
+def test_training_needs_more_than_one_value_per_channel(call_path):
     s = sample_inputs((1, 4, 1, 1), "cpu", torch.float32, torch.contiguous_format, True, requires_grad=False)
     with pytest.raises(ValueError, match=r"expected more than 1 value per channel when training, got input of shape "
                                          r"\[1, 4, 1, 1\]"):
@@ -503,7 +583,7 @@ def test_training_needs_more_than_one_value_per_channel():
     fused(s, training=False)  # eval with one value per channel is fine
 
 
-def test_eval_needs_running_stats():
+def test_eval_needs_running_stats(call_path):
     s = _good()
     with pytest.raises(ValueError, match="eval mode .* needs running_mean and running_var"):
         batch_norm_add_relu(s["input"], None, None, None, s["weight"], s["bias"], False)

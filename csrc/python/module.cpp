@@ -4,6 +4,7 @@
 
 #include "cpu/channel_lanes.h"
 #include "cpu/streaming_stores.h"
+#include "eager_call.h"
 
 #ifndef RESNET_DEPLOY_CUDA_ARCHS
 #define RESNET_DEPLOY_CUDA_ARCHS ""
@@ -31,6 +32,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     info["streaming_min_bytes"] = resnet_deploy::streaming_min_bytes();
     return info;
   }, "which CPU kernels run on this CPU: instruction-set level, small-plane lanes, streaming-store threshold");
+  // Without the GIL while the kernels run, as torch's own operators, so other Python threads go on.
+  m.def("batch_norm_add_relu", &resnet_deploy::batch_norm_add_relu_eager, pybind11::arg("input"),
+        pybind11::arg("residual"), pybind11::arg("running_mean"), pybind11::arg("running_var"), pybind11::arg("weight"),
+        pybind11::arg("bias"), pybind11::arg("training"), pybind11::arg("momentum"), pybind11::arg("eps"),
+        pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "resnet_deploy.ops.batch_norm_add_relu in eager mode: the operators called through the dispatcher directly");
   m.def("streaming_min_bytes", &resnet_deploy::streaming_min_bytes,
         "float32 CPU outputs of at least this many bytes are written with streaming stores (negative: none)");
   m.def("set_streaming_min_bytes", &resnet_deploy::set_streaming_min_bytes, pybind11::arg("bytes"),

@@ -7,7 +7,7 @@ from resnet_deploy import _library
 
 _C = _library.load()
 
-from resnet_deploy import ops  # noqa: E402  (registers fake kernels and autograd for the operators)
+from resnet_deploy import ops  # noqa: E402  (registers the operators' fake kernels)
 
 __version__ = "0.1.0"
 __all__ = ["ops", "__version__"]

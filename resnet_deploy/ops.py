@@ -7,8 +7,8 @@ The C++ library (csrc/ops.cpp) defines four operators:
   bn_add_relu_backward(grad_out, out?, input, mean, invstd, weight?, bias?, training, residual_grad)
       -> (grad_input, grad_residual, grad_weight, grad_bias)     ReLU mask from out, or from input if out is None
   bn_update_running_stats(running_mean!, running_var!, mean, invstd, momentum, eps, count) -> ()
-Autograd for the forwards is registered in C++ (csrc/autograd.cpp); they are functional: running statistics
-are updated here, outside autograd, by the last one.
+Autograd for the forwards is registered in C++ (csrc/autograd.cpp); they are functional: batch_norm_add_relu
+updates the running statistics after a training forward with the last one, outside autograd.
 """
 from typing import List, Optional
 
@@ -21,7 +21,7 @@ from resnet_deploy import _library
 # Eager calls go to resnet_deploy._C.batch_norm_add_relu, which does what batch_norm_add_relu below does, with the
 # same checks, through the dispatcher without torch.ops' per-argument conversions: an eval call at 1x512x3x3 took
 # 2.2 µs instead of 3.8, a training forward at 2x512x3x3 12 instead of 17. TorchScript, torch.compile and
-# __torch_function__ overrides see the torch.ops calls below.
+# __torch_function__ overrides (tensor subclasses, modes, torch.set_default_device) see the torch.ops calls below.
 _eager = _library.load()
 _ops = torch.ops.resnet_deploy
 

@@ -1,4 +1,5 @@
 """The fused operator against the unfused PyTorch expression relu(batch_norm(x) + residual)."""
+import bisect
 import os
 import pathlib
 import random
@@ -201,6 +202,40 @@ def test_both_call_paths_match_unfused_expression(call_path, memory_format, with
         assert (OPS.bn_update_running_stats in call_path.called) == training
 
 
+class _Tagged(torch.Tensor):
+    """A tensor subclass with a __torch_function__ override that records what it sees."""
+    seen = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.seen.append(func)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_tensor_subclass_overrides_see_the_operators():
+    s = sample_inputs((2, 4, 3, 3), "cpu", torch.float32, torch.contiguous_format, False, requires_grad=False)
+    ref = clone_sample(s)
+    s["input"] = s["input"].as_subclass(_Tagged)
+    _Tagged.seen.clear()
+    out = fused(s, training=False)
+    assert OPS.bn_add_relu_eval in _Tagged.seen
+    torch.testing.assert_close(out.as_subclass(torch.Tensor), reference(ref, training=False))
+
+
+class _RefuseTorchOps:
+    def __getattr__(self, name):
+        raise AssertionError(f"torch.ops.resnet_deploy.{name} called in eager mode")
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_eager_calls_do_not_go_through_torch_ops(monkeypatch, training):
+    monkeypatch.setattr(resnet_deploy.ops, "_ops", _RefuseTorchOps())
+    s = sample_inputs((3, 8, 4, 4), "cpu", torch.float64, torch.contiguous_format, True)
+    ref = clone_sample(s)
+    torch.testing.assert_close(fused(s, training), reference(ref, training))
+    torch.testing.assert_close(s["running_var"], ref["running_var"])
+
+
 def test_eager_calls_release_the_gil():
     # Another Python thread runs while a call is inside the kernels. Holding the GIL, the call would let it run
     # only at its edges, for a switch interval (0.1 ms here) at most, not across most of the call.
@@ -210,11 +245,13 @@ def test_eager_calls_release_the_gil():
     calls_done = threading.Event()
 
     def call_repeatedly():
-        for _ in range(10):
-            start = time.perf_counter()
-            batch_norm_add_relu(x, x, *stats, None, None, training=True)
-            windows.append((start, time.perf_counter()))
-        calls_done.set()
+        try:
+            for _ in range(10):
+                start = time.perf_counter()
+                batch_norm_add_relu(x, x, *stats, None, None, training=True)
+                windows.append((start, time.perf_counter()))
+        finally:
+            calls_done.set()
 
     threads, interval = torch.get_num_threads(), sys.getswitchinterval()
     torch.set_num_threads(1)  # leaves a core to this thread
@@ -224,15 +261,18 @@ def test_eager_calls_release_the_gil():
         caller.start()
         while not calls_done.is_set():
             stamps.append(time.perf_counter())
+            time.sleep(5e-5)  # a stamp about every 0.1 ms; a thread needs the GIL to wake from the sleep
         caller.join()
     finally:
         torch.set_num_threads(threads)
         sys.setswitchinterval(interval)
+    assert len(windows) == 10
     covered = []
     for start, end in windows:
-        inside = [t for t in stamps if start < t < end]
+        inside = stamps[bisect.bisect_right(stamps, start):bisect.bisect_left(stamps, end)]
         covered.append((inside[-1] - inside[0]) / (end - start) if len(inside) > 1 else 0.0)
     assert sorted(covered)[len(covered) // 2] > 0.5, covered
+
 
 class _BlockGradient(torch.autograd.Function):
     """Identity forward; sends no gradient back (None), as a user's custom function may."""
@@ -559,6 +599,11 @@ def _good():
     (lambda s: s.update(residual=s["residual"].double()), TypeError, r"residual must have the input's dtype Float"),
     (lambda s: s.update(residual=s["residual"].to("meta")), ValueError,
      r"all tensors must be on the input's device cpu, got one on meta"),
+    (lambda s: s.update(running_mean=s["running_mean"].to("meta")), ValueError,
+     r"all tensors must be on the input's device cpu, got one on meta"),
+    (lambda s: s.update(bias=s["bias"].to("meta")), ValueError,
+     r"all tensors must be on the input's device cpu, got one on meta"),
+    (lambda s: s.update(running_var=None), ValueError, r"eval mode \(training=False\) needs running_mean and running_var"),
 ])
 def test_bad_input_is_refused_clearly(call_path, change, error, message):
     s = _good()
@@ -567,11 +612,11 @@ def test_bad_input_is_refused_clearly(call_path, change, error, message):
         fused(s, training=False)
 
 
-def test_running_stats_of_another_channel_count_are_refused_before_the_forward(call_path):
+@pytest.mark.parametrize("name", ["running_mean", "running_var"])
+def test_running_stats_of_another_channel_count_are_refused_before_the_forward(call_path, name):
     s = _good()
-    s["running_mean"] = torch.zeros(3)
-    with pytest.raises(ValueError, match=r"running_mean must have one value per channel \(shape \[4\]\), got shape "
-                                         r"\[3\]"):
+    s[name] = torch.zeros(3)
+    with pytest.raises(ValueError, match=name + r" must have one value per channel \(shape \[4\]\), got shape \[3\]"):
         fused(s, training=True)
 
 

@@ -1,8 +1,9 @@
 // resnet_deploy._C.batch_norm_add_relu: what resnet_deploy.ops.batch_norm_add_relu does in eager mode, in C++.
-// A call through torch.ops.* converts each argument to and from the boxed calling convention; at 1x512x3x3 that was
-// a third of an eval call's time. This calls the same operators through typed dispatcher handles instead, so every
-// dispatch key (autograd, tracing, autocast, Python dispatch modes) still sees them. The checks and their messages
-// are those of ops.py, which keeps the torch.ops path for TorchScript, torch.compile and __torch_function__.
+// A call through torch.ops.* converts each argument to and from the boxed calling convention: at 1x512x3x3 the eval
+// operator took 2.8-2.9 µs that way and 1.9 µs from here. This calls the same operators through typed dispatcher
+// handles, so every dispatch key (autograd, tracing, autocast, Python dispatch modes) still sees them. The checks
+// and their messages are those of ops.py, which keeps the torch.ops path for TorchScript, torch.compile and
+// __torch_function__ overrides.
 #include "eager_call.h"
 
 #include "op_signatures.h"

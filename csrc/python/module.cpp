@@ -1,5 +1,5 @@
 // The Python module resnet_deploy._C: importing it loads this library, whose TORCH_LIBRARY blocks register
-// the operators; it also tells how the library was built.
+// the operators; it also tells how the library was built, and holds the eager-mode entry of batch_norm_add_relu.
 #include <torch/extension.h>
 
 #include "cpu/channel_lanes.h"
@@ -11,7 +11,7 @@
 #endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "resnet_deploy operators (torch.ops.resnet_deploy.*)";
+  m.doc() = "resnet_deploy operators (torch.ops.resnet_deploy.*), and the eager-mode entry of batch_norm_add_relu";
   m.def("build_info", [] {
     pybind11::dict info;
     info["cuda"] = static_cast<bool>(RESNET_DEPLOY_WITH_CUDA);

@@ -41,7 +41,8 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path, monkeypatch):
     assert "![latency against batch size](bench/bench.png)" in text
     assert re.search(r"\| eager \| 1 \| 4 \| [\d.]+ \|", text) and re.search(r"\| onnxruntime \| 1 \| 1 \|", text)
     assert "### Fused against unfused eager model" in text
-    assert re.search(r"\| 1 \| 4 \| [\d.]+ \| [\d.]+ \| [\d.]+x \([\d.]+-[\d.]+\) \|.*\| (faster|slower|within the noise) \|",
+    assert re.search(r"\| 1 \| 4 \| [\d.]+ \| [\d.]+ \| [\d.]+x \([\d.]+-[\d.]+\) \|"
+                     r".*\| (faster|slower|within the noise) \|",
                      text)
     assert f"accuracy **{100 * summary['accuracy']:.2f}%**" in text
 

@@ -603,7 +603,8 @@ def _good():
      r"all tensors must be on the input's device cpu, got one on meta"),
     (lambda s: s.update(bias=s["bias"].to("meta")), ValueError,
      r"all tensors must be on the input's device cpu, got one on meta"),
-    (lambda s: s.update(running_var=None), ValueError, r"eval mode \(training=False\) needs running_mean and running_var"),
+    (lambda s: s.update(running_var=None), ValueError,
+     r"eval mode \(training=False\) needs running_mean and running_var"),
 ])
 def test_bad_input_is_refused_clearly(call_path, change, error, message):
     s = _good()

@@ -13,7 +13,6 @@
 #pragma once
 
 #include <cstdint>
-#include <vector>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define RD_HAVE_CHANNEL_LANES 1
@@ -90,20 +89,12 @@ inline int lane_width(int64_t) { return 0; }
 inline const char* cpu_kernel_level() { return "portable (one build of the inner loops)"; }
 #endif
 
-// The index vectors of a block of `lanes` channels with `plane` values each: entry k * lanes + l is
-// (k * lanes + l) / plane, the channel of lane l in the block's vector k.
-inline std::vector<int32_t> lane_channels(int lanes, int64_t plane) {
-  std::vector<int32_t> index(static_cast<size_t>(lanes * plane));
-  int32_t channel = 0;
-  int64_t into_plane = 0;
-  for (int32_t& entry : index) {
-    entry = channel;
-    if (++into_plane == plane) {
-      into_plane = 0;
-      ++channel;
-    }
+// Writes the index vectors of a block of `lanes` channels with `plane` values each into index[lanes * plane]:
+// entry k * lanes + l is (k * lanes + l) / plane, the channel of lane l in the block's vector k.
+inline void lane_channels(int lanes, int64_t plane, int32_t* index) {
+  for (int32_t channel = 0; channel < lanes; ++channel) {
+    for (int64_t k = 0; k < plane; ++k) *index++ = channel;
   }
-  return index;
 }
 
 }  // namespace resnet_deploy

@@ -63,6 +63,35 @@ def test_interleaved_rounds_take_turns_and_rotate_who_goes_first():
         op_benchmark.interleaved_rounds_ms(steps, min_run_time=0.03, rounds=0)
 
 
+def test_eval_steps_run_inside_inference_mode_entered_per_block_and_training_steps_outside():
+    modes = {"eval": [], "train": []}
+    eval_step = op_benchmark._eval_step(lambda *args: modes["eval"].append(torch.is_inference_mode_enabled()),
+                                        [None] * 6)
+
+    def train_step():
+        modes["train"].append(torch.is_inference_mode_enabled())
+
+    op_benchmark.interleaved_rounds_ms({"eval": eval_step, "train": train_step}, min_run_time=0.02, rounds=2)
+    op_benchmark.faults_per_call(eval_step, calls=3)
+    assert modes["eval"] and set(modes["eval"]) == {True}
+    assert modes["train"] and set(modes["train"]) == {False}
+    assert not torch.is_inference_mode_enabled()
+
+
+def test_the_stores_comparison_keeps_each_steps_mode(monkeypatch):
+    modes = {False: [], True: []}
+
+    def recording_fused(*args):
+        training = args[-1]
+        modes[training].append(torch.is_inference_mode_enabled())
+        return op_benchmark.unfused(*args)
+
+    monkeypatch.setattr(op_benchmark, "fused", recording_fused)
+    op_benchmark.compare_stores((2, 3, 4, 4), ["nchw"], min_run_time=0.02, rounds=1, log=lambda line: None)
+    assert modes[False] and set(modes[False]) == {True}  # eval
+    assert modes[True] and set(modes[True]) == {False}  # training
+
+
 def test_compare_in_rounds_sets_the_candidate_against_each_baseline():
     per_round = {"fused": [[10.0, 10.2], [20.0]], "unfused": [[11.0, 11.22], [22.0]], "again": [[11.1], [22.2]]}
     row = op_benchmark.compare_in_rounds(per_round, "fused", "unfused", "again")

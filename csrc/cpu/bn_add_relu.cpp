@@ -834,11 +834,12 @@ RD_CPU_CLONES void channel_backward_coeffs(const double* __restrict__ sum_dz, co
 
 // ---- Passes ----
 
-// Per-channel values of one call: on the stack up to 512 channels (ResNet-18's widest layer), uninitialized, so
-// that a call's set-up makes no trip to malloc. In a C++ loop at 1x512x3x3 an eval call took 0.94-0.98 µs this
-// way and 1.24-1.31 µs with zeroed std::vectors, of which malloc and free held about a fifth (at::add: 0.7-0.8).
+// Per-channel values of one call, left uninitialized: in a C++ loop at 1x512x3x3 an eval call took 1.07-1.10 µs
+// this way and 1.24-1.31 µs with zero-filled std::vectors (at::add: 0.70-0.82). Not on the caller's stack, which
+// saved another 0.13 µs there: the other threads read these values, and a training forward at 64x128x12x12 NCHW
+// took 15% longer with them on the stack.
 template <typename T>
-using CallValues = c10::SmallVector<T, 512>;
+using CallValues = c10::SmallVector<T, 0>;
 
 template <typename T>
 CallValues<T> call_values(int64_t count) {
@@ -871,15 +872,10 @@ int small_plane_lanes(const Geometry& g) {
   return std::is_same_v<scalar_t, float> && walk_as_rows(g) && g.plane > 1 ? lane_width(g.channels) : 0;
 }
 
-// The index vectors of a walk in `lanes` lanes, or none: at most 16 lanes of planes under kSmallPlane values.
-using LaneTable = c10::SmallVector<int32_t, 16 * kSmallPlane>;
-
-LaneTable lane_channels_of(int lanes, const Geometry& g) {
-  LaneTable index;
-  if (lanes > 0) {
-    index.resize_for_overwrite(static_cast<size_t>(lanes * g.plane));
-    lane_channels(lanes, g.plane, index.data());
-  }
+// The index vectors of a walk in `lanes` lanes, or none.
+CallValues<int32_t> lane_channels_of(int lanes, const Geometry& g) {
+  CallValues<int32_t> index = call_values<int32_t>(lanes > 0 ? lanes * g.plane : 0);
+  if (lanes > 0) lane_channels(lanes, g.plane, index.data());
   return index;
 }
 
@@ -941,7 +937,7 @@ void batch_stats(const Geometry& g, const scalar_t* x, acc_t* mean, acc_t* invst
   const Geometry w = walk_as_rows(g) ? rows_geometry(g) : g;
   PerWalkedChannel<acc_t> walked_shift(shift.data(), g);
   const int lanes = small_plane_lanes<scalar_t>(g);
-  const LaneTable lane_channel = lane_channels_of(lanes, g);
+  const CallValues<int32_t> lane_channel = lane_channels_of(lanes, g);
   std::vector<double> sum, sum_sq;
   channel_sums<acc_t>(
       w, g.channels,
@@ -992,7 +988,7 @@ void normalize_add_relu_pass(const Geometry& g, Walk walk, const scalar_t* x, co
 #if RD_HAVE_CHANNEL_LANES
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (const int lanes = small_plane_lanes<scalar_t>(g)) {
-      const LaneTable lane_channel = lane_channels_of(lanes, g);
+      const CallValues<int32_t> lane_channel = lane_channels_of(lanes, g);
       return elementwise(
           w, walk, [](int64_t, int64_t) {},  // w is walked as rows
           [&](int64_t offset, int64_t samples) {
@@ -1060,7 +1056,7 @@ void backward_passes(const Geometry& g, const scalar_t* gy, const scalar_t* y, c
   PerWalkedChannel<acc_t> walked_scale(scale.empty() ? nullptr : scale.data(), g);
   PerWalkedChannel<acc_t> walked_shift(shift.empty() ? nullptr : shift.data(), g);
   const int lanes = small_plane_lanes<scalar_t>(g);
-  const LaneTable lane_channel = lane_channels_of(lanes, g);
+  const CallValues<int32_t> lane_channel = lane_channels_of(lanes, g);
   std::vector<double> sum_dz, sum_dz_xmu;
   channel_sums<acc_t>(
       w, channels,

@@ -27,9 +27,11 @@ FORMATS = [torch.contiguous_format, torch.channels_last]
 # small NCHW planes walked as long rows (1,170 values, not a whole number of vectors) over three rows; and small
 # float32 NCHW planes walked in vector lanes, 16 channels a block (C a multiple of 16, over enough samples, 16 of
 # 2,304 values, to be split between threads) and 8 (C = 24, with AVX2 or AVX-512: 49-value planes over three
-# samples, summed one at a time, and 9-value planes over 160 samples, split between threads and summed four at once).
+# samples, summed one at a time, and 9-value planes over 160 samples, split between threads and summed four at once);
+# and more channels than the forward keeps on each thread's stack (512), over samples split between threads.
 SHAPES = [(2, 3, 5, 7), (4, 13, 1, 1), (1, 13, 1, 1), (3, 17, 9, 11), (8, 64, 6, 6), (2, 5, 3, 1), (1, 9, 4, 4),
-          (1, 64, 3, 5), (3, 128, 5, 3), (3, 130, 3, 3), (16, 256, 3, 3), (3, 24, 7, 7), (160, 24, 3, 3)]
+          (1, 64, 3, 5), (3, 128, 5, 3), (3, 130, 3, 3), (16, 256, 3, 3), (3, 24, 7, 7), (160, 24, 3, 3),
+          (12, 528, 3, 3)]
 
 
 def _tolerances(dtype):

@@ -920,6 +920,20 @@ RD_CPU_CLONES void repeat_each(const T* __restrict__ values, int64_t count, int6
   }
 }
 
+// Whether a walk of g reads per-channel values repeated H*W times: rows walked without lanes (1x1 planes read each
+// value once, as given).
+bool repeats_values(const Geometry& g) {
+  return walk_as_rows(g) && g.plane > 1;
+}
+
+// values[c] repeated H*W times for every channel of g, in memory of its own (with repeat_each's slack).
+template <typename T>
+std::unique_ptr<T[]> repeated_values(const T* values, const Geometry& g) {
+  std::unique_ptr<T[]> repeated(new T[g.channels * g.plane + kRepeatLanes]);
+  repeat_each(values, g.channels, g.plane, repeated.get());
+  return repeated;
+}
+
 // Per-channel values as the walk of g reads them: the values themselves, or, when g is walked as rows with
 // repeated values (not in lanes), each repeated H*W times (at batch 1 writing them is as much work as the data, so
 // it is done in vector stores).
@@ -930,26 +944,22 @@ template <typename T>
 class PerWalkedChannel {
  public:
   PerWalkedChannel(const T* values, const Geometry& g)
-      // 1x1 planes: each value once, as given; null (values a pass does not read) stays null
+      // null (values a pass does not read) stays null
       : values_(values),
-        count_(g.channels),
-        times_(g.plane),
-        per_thread_(values != nullptr && walk_as_rows(g) && g.plane > 1 ? at::get_num_threads() : 0) {}
+        geometry_(g),
+        per_thread_(values != nullptr && repeats_values(g) ? at::get_num_threads() : 0) {}
 
   // From the thread that reads the values (inside at::parallel_for, or the caller's).
   const T* data() {
     if (per_thread_.empty()) return values_;
     std::unique_ptr<T[]>& mine = per_thread_.at(at::get_thread_num());
-    if (!mine) {
-      mine.reset(new T[count_ * times_ + kRepeatLanes]);
-      repeat_each(values_, count_, times_, mine.get());
-    }
+    if (!mine) mine = repeated_values(values_, geometry_);
     return mine.get();
   }
 
  private:
   const T* values_;
-  int64_t count_, times_;
+  Geometry geometry_;
   std::vector<std::unique_ptr<T[]>> per_thread_;
 };
 
@@ -1005,30 +1015,21 @@ class ForwardValues {
   // affine(scale, shift) writes every channel's map; `lanes` is the walk's small_plane_lanes, or 0 to walk rows.
   template <typename Affine>
   ForwardValues(const Geometry& g, int lanes, const Affine& affine) {
-    const int64_t channels = g.channels;
-    scale_.resize_for_overwrite(channels);
-    shift_.resize_for_overwrite(channels);
+    scale_.resize_for_overwrite(g.channels);
+    shift_.resize_for_overwrite(g.channels);
     affine(scale_.data(), shift_.data());
-    walked_scale_ = scale_.data();
-    walked_shift_ = shift_.data();
     if (lanes > 0) {
       lane_channel_.resize_for_overwrite(lanes * g.plane);
       lane_channels(lanes, g.plane, lane_channel_.data());
-    } else if (walk_as_rows(g) && g.plane > 1) {
-      const int64_t walked = channels * g.plane + kRepeatLanes;  // with repeat_each's slack
-      repeated_.reset(new acc_t[2 * walked]);
-      repeat_each(scale_.data(), channels, g.plane, repeated_.get());
-      repeat_each(shift_.data(), channels, g.plane, repeated_.get() + walked);
-      walked_scale_ = repeated_.get();
-      walked_shift_ = repeated_.get() + walked;
+    } else if (repeats_values(g)) {
+      repeated_scale_ = repeated_values(scale_.data(), g);
+      repeated_shift_ = repeated_values(shift_.data(), g);
     }
   }
-  // Not moved: the walked pointers may point into the inline storage.
-  ForwardValues(const ForwardValues&) = delete;
-  ForwardValues& operator=(const ForwardValues&) = delete;
 
-  const acc_t* scale() const { return walked_scale_; }
-  const acc_t* shift() const { return walked_shift_; }
+  // As the walk reads them.
+  const acc_t* scale() const { return repeated_scale_ ? repeated_scale_.get() : scale_.data(); }
+  const acc_t* shift() const { return repeated_shift_ ? repeated_shift_.get() : shift_.data(); }
   // Per channel, as the lane kernels read them.
   const acc_t* channel_scale() const { return scale_.data(); }
   const acc_t* channel_shift() const { return shift_.data(); }
@@ -1037,9 +1038,7 @@ class ForwardValues {
  private:
   c10::SmallVector<acc_t, kStackChannels> scale_, shift_;
   c10::SmallVector<int32_t, 16 * kSmallPlane> lane_channel_;
-  std::unique_ptr<acc_t[]> repeated_;
-  const acc_t* walked_scale_;
-  const acc_t* walked_shift_;
+  std::unique_ptr<acc_t[]> repeated_scale_, repeated_shift_;
 };
 
 // y = relu(x * scale[c] + shift[c] + residual), with affine(scale, shift) writing every channel's scale and shift.

@@ -195,9 +195,12 @@ def _check_settings(backends, batch_sizes, threads, min_time_s, max_time_s) -> N
     if unknown or not backends:
         raise ValueError(f"unknown backend(s) {', '.join(unknown) or '(none given)'}; expected some of "
                          f"{', '.join(runtime.BACKENDS)}")
-    for name, values in (("batch size", batch_sizes), ("thread setting", threads)):
-        if not values or any(not isinstance(v, int) or v < 1 for v in values):
-            raise ValueError(f"every {name} must be a positive integer, got {list(values)}")
+    if not batch_sizes or any(not isinstance(v, int) or v < 1 for v in batch_sizes):
+        raise ValueError(f"every batch size must be a positive integer, got {list(batch_sizes)}")
+    if not threads:
+        raise ValueError("--threads needs at least one thread setting")
+    for value in threads:
+        runtime.check_threads(value)
     if not 0 <= min_time_s <= max_time_s:
         raise ValueError(f"the time budget needs 0 <= min time <= max time, got {min_time_s} and {max_time_s}")
 
@@ -547,7 +550,8 @@ def add_parser(subparsers) -> None:
     add("--backends", default=",".join(runtime.BACKENDS),
         help=f"comma-separated (default: all: {','.join(runtime.BACKENDS)})")
     add("--batch-sizes", type=_int_list, default=list(DEFAULT_BATCH_SIZES), help="default: 1,8,64")
-    add("--threads", type=_int_list, help="thread settings (default: 1 and all available cores)")
+    add("--threads", type=_int_list,
+        help="thread settings, each from 1 to the available cores (default: 1 and all available cores)")
     add("--min-time", type=float, default=1.0, help="seconds of timed calls per figure at least (default 1)")
     add("--max-time", type=float, default=3.0, help="seconds of timed calls per figure at most (default 3)")
     add("--op-benchmark", action=argparse.BooleanOptionalAction, default=True,

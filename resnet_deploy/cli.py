@@ -75,7 +75,8 @@ def add_train_parser(subparsers) -> None:
     add("--label-smoothing", type=float)
     add("--augment", action=bool_flag, help="random crop with 2-pixel padding and horizontal flip")
     add("--seed", type=int)
-    add("--threads", type=int, help="torch threads per process (default: available cores / local processes)")
+    add("--threads", type=int,
+        help="torch threads per process, at most the available cores (default: available cores / local processes)")
     add("--progress", action=bool_flag, help="show a progress bar")
     parser.set_defaults(handler=run_train)
 

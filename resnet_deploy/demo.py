@@ -31,6 +31,11 @@ def demo(out: Union[str, Path] = "runs/demo", data_dir: Optional[str] = None,
     from resnet_deploy.train import CHECKPOINT, TrainConfig, train
 
     out = Path(out)
+    train_dir, artifact_dir = out / report.TRAIN, out / report.ARTIFACTS
+    given = dict(train_options or {})
+    # Checked before anything is written: a bad setting leaves no empty run directory behind.
+    config = TrainConfig.from_preset("quick", out=str(train_dir), data_dir=data_dir, progress=progress,
+                                     resume=(train_dir / CHECKPOINT).is_file(), **given)
     out.mkdir(parents=True, exist_ok=True)
     stages: List[Dict[str, Any]] = []
     started = time.perf_counter()
@@ -44,11 +49,7 @@ def demo(out: Union[str, Path] = "runs/demo", data_dir: Optional[str] = None,
         summary = {"stages": stages, "total_seconds": round(time.perf_counter() - started, 1)}
         (out / report.DEMO_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
 
-    train_dir, artifact_dir = out / report.TRAIN, out / report.ARTIFACTS
     with stage("train"):
-        given = dict(train_options or {})
-        config = TrainConfig.from_preset("quick", out=str(train_dir), data_dir=data_dir, progress=progress,
-                                         resume=(train_dir / CHECKPOINT).is_file(), **given)
         if config.resume:
             log(f"{train_dir} holds a training run: resuming it (nothing to do if it finished)")
         train(config, given=given)
@@ -85,14 +86,18 @@ def add_parser(subparsers) -> None:
     add("--infer-backend", choices=runtime.BACKENDS, default=infer.DEFAULT_BACKEND,
         help=f"backend of the test-set predictions (default: {infer.DEFAULT_BACKEND})")
     add("--bench-min-time", type=float, default=BENCH_OPTIONS["min_time_s"],
-        help="seconds of timed calls per benchmark figure at least")
+        help=f"seconds of timed calls per benchmark figure at least (default: {BENCH_OPTIONS['min_time_s']})")
     add("--bench-max-time", type=float, default=BENCH_OPTIONS["max_time_s"],
-        help="seconds of timed calls per benchmark figure at most")
+        help=f"seconds of timed calls per benchmark figure at most (default: {BENCH_OPTIONS['max_time_s']})")
     add("--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress bars")
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> None:
+    # Checked here, not when the benchmark starts after minutes of training.
+    if not 0 <= args.bench_min_time <= args.bench_max_time:
+        raise ValueError(f"--bench-min-time and --bench-max-time need 0 <= min <= max, got {args.bench_min_time} "
+                         f"and {args.bench_max_time}")
     result = demo(args.out, args.data_dir, {"epochs": args.epochs} if args.epochs is not None else None, args.infer_backend,
                   {"min_time_s": args.bench_min_time, "max_time_s": args.bench_max_time}, args.progress,
                   log=lambda line: print(line, flush=True))

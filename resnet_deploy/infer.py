@@ -96,7 +96,7 @@ def infer(artifact_dir: Union[str, Path], input_path: Union[str, Path], output: 
         raise FileNotFoundError(f"the folder of --output {output} does not exist; expected an existing folder")
     manifest = runtime.read_manifest(artifact_dir, verify=False)  # load() verifies; here: fail early on bad input
     classes = manifest["classes"]
-    source = inputs.open_input(input_path, classes, labels)
+    source = inputs.open_input(input_path, classes, labels, image_size=tuple(manifest["preprocess"]["size"]))
     if source.count == 0:
         raise ValueError(f"no images found in {source.path} (it holds 0); expected at least one image to predict")
     predictor = runtime.load(artifact_dir, backend, threads=threads)
@@ -174,7 +174,7 @@ def add_parser(subparsers) -> None:
     add("--labels", help="labels for idx or .npy input (idx or .npy); idx images find their sibling labels file")
     add("--backend", choices=runtime.BACKENDS, default=DEFAULT_BACKEND, help=f"default: {DEFAULT_BACKEND}")
     add("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help=f"default: {DEFAULT_BATCH_SIZE}")
-    add("--threads", type=int, help="cores to use (default: all available)")
+    add("--threads", type=int, help="cores to use, at most those available (default: all available)")
     add("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
     parser.set_defaults(handler=run)
 

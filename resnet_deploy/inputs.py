@@ -2,7 +2,8 @@
 
   idx file   uint8 images (N, H, W), gzip-compressed when the name ends in .gz, as Fashion-MNIST ships
              them. Labels: --labels, or else the sibling file named with "labels-idx1" for "images-idx3".
-  .npy file  a uint8 array (N, H, W), (N, 1, H, W) or one image (H, W), read through a memory map.
+  .npy file  a uint8 array (N, H, W), (N, 1, H, W), (N, H * W) (rows of flattened images of the model's
+             size, when open_input is given it) or one image (H, W), read through a memory map.
              Labels: --labels (.npy or idx).
   folder     PNG and JPEG images, searched recursively in name order, converted to 8-bit grayscale (16-bit
              grayscale scaled from 0..65535). An image in a folder named after a class (case, spaces and
@@ -116,15 +117,17 @@ def _open_npy(path: Path, what: str) -> np.ndarray:
                          f"holding {what}") from error
 
 
-def _npy_images(path: Path) -> np.ndarray:
+def _npy_images(path: Path, image_size: Optional[Tuple[int, int]]) -> np.ndarray:
     array = _open_npy(path, "uint8 images")
     if array.ndim == 4 and array.shape[1] == 1:
         array = array[:, 0]
+    elif array.ndim == 2 and image_size and array.shape[1] == math.prod(image_size) and array.shape != image_size:
+        array = array.reshape(len(array), *image_size)  # (N, H * W): one flattened image per row
     elif array.ndim == 2:
         array = array[None]
     if array.dtype != np.uint8 or array.ndim != 3:
         raise ValueError(f"{path} holds a {array.dtype} array of shape {array.shape}; expected uint8 grayscale pixels "
-                         f"of shape (N, H, W), (N, 1, H, W) or (H, W)")
+                         f"of shape (N, H, W), (N, 1, H, W), (N, H * W) or (H, W)")
     return array
 
 
@@ -230,10 +233,11 @@ def _folder_labels(root: Path, files: Sequence[Path], classes: Sequence[str]) ->
 
 
 # ------------------------------------------------------------------------------------------------ open
-def open_input(path: Union[str, Path], classes: Sequence[str] = (),
-               labels: Optional[Union[str, Path]] = None) -> InputSource:
+def open_input(path: Union[str, Path], classes: Sequence[str] = (), labels: Optional[Union[str, Path]] = None,
+               image_size: Optional[Tuple[int, int]] = None) -> InputSource:
     """The input at path (an idx file, a .npy file or a folder of images), checked as far as can be
-    without reading it all. classes name the folders that give images their labels."""
+    without reading it all. classes name the folders that give images their labels; image_size (H, W), the
+    model's, lets a 2-D .npy array of width H * W be read as rows of flattened images instead of one image."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"input {path} does not exist; expected an idx file, a .npy file or a folder of "
@@ -249,7 +253,7 @@ def open_input(path: Union[str, Path], classes: Sequence[str] = (),
                              f"files named *.png, *.jpg or *.jpeg")
         return _FolderSource(path, files, _folder_labels(path, files, classes), len(candidates) - len(files))
     if path.suffix == ".npy":
-        array = _npy_images(path)
+        array = _npy_images(path, tuple(image_size) if image_size else None)
         label_file = _open_labels(labels, len(array), path) if labels is not None else None
 
         def chunks(items: int) -> Iterator[np.ndarray]:

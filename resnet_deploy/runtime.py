@@ -45,6 +45,15 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
+def check_threads(threads: Any, flag: str = "--threads") -> None:
+    """A thread count must be 1 to the available cores: more only slows every backend down, and thousands of
+    threads hang ONNX Runtime or crash the process."""
+    cores = available_cores()
+    if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= cores:
+        raise ValueError(f"{flag} must be an integer from 1 to {cores}, the cores this process may use; got "
+                         f"{threads!r}")
+
+
 # ------------------------------------------------------------------------------------------- manifest
 def read_manifest(artifact_dir: Union[str, Path], verify: bool = True) -> Dict[str, Any]:
     """The manifest of an artifact directory, checked to hold what a predictor needs; with verify, every
@@ -205,8 +214,7 @@ def load(artifact_dir: Union[str, Path], backend: str, threads: Optional[int] = 
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if threads is None:
         threads = available_cores()
-    if not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    check_threads(threads)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
         raise ValueError(f"device must be 'cpu' or 'cuda' (with a GPU present), got {device!r}")

@@ -73,7 +73,9 @@ class TrainConfig:
         require(self.weight_decay >= 0, f"weight_decay must be non-negative, got {self.weight_decay}")
         require(0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         require(self.seed >= 0, f"seed must be non-negative, got {self.seed}")
-        require(self.threads >= 0, f"threads must be non-negative (0: automatic), got {self.threads}")
+        cores = len(os.sched_getaffinity(0))
+        require(0 <= self.threads <= cores, f"threads must be 0 (automatic) to {cores}, the cores this process may "
+                                            f"use; got {self.threads}")
 
     @classmethod
     def from_preset(cls, preset: str = "quick", **overrides) -> "TrainConfig":
@@ -165,8 +167,9 @@ def _resume_config(config: TrainConfig, saved: Dict[str, Any], given: Dict[str, 
                          f"expected the settings `resnet-deploy train` saves")
     for name, value in given.items():
         if name not in RUNTIME_FIELDS and name in saved and saved[name] != value:
-            raise ValueError(f"--resume continues the run as it was configured, but {name}={value!r} differs "
-                             f"from the run's {saved[name]!r}; drop the flag or start a new run with another --out")
+            raise ValueError(f"{config.out} holds a run, which is continued as it was configured (--resume, or a "
+                             f"demo run again), but {name}={value!r} differs from the run's {saved[name]!r}; drop "
+                             f"the flag or start a new run with another --out")
     return TrainConfig(**{**saved, **{name: getattr(config, name) for name in RUNTIME_FIELDS}})
 
 

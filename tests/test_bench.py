@@ -175,6 +175,9 @@ def test_refusals(artifacts, tmp_path, capsys):
         bench.bench(artifacts, tmp_path, backends=["eager", "tensorrt"])
     with pytest.raises(ValueError, match="every batch size must be a positive integer, got \\[1, 0\\]"):
         bench.bench(artifacts, tmp_path, batch_sizes=[1, 0])
+    cores = runtime.available_cores()
+    with pytest.raises(ValueError, match=f"--threads must be an integer from 1 to {cores}, the cores this process"):
+        bench.bench(artifacts, tmp_path, threads=[1, cores + 1])
     with pytest.raises(ValueError, match="the time budget needs 0 <= min time <= max time, got 2 and 1"):
         bench.bench(artifacts, tmp_path, min_time_s=2, max_time_s=1)
     with pytest.raises(FileNotFoundError, match="has no manifest.json"):

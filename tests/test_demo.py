@@ -70,6 +70,14 @@ def test_command_line_reports_a_bad_option_in_one_line(tmp_path, capsys):
     code = cli.main(["demo", "--out", str(out), "--data-dir", str(dataset), "--epochs", "0", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("resnet-deploy demo: error: epochs must be at least 1, got 0")
+    assert not out.exists()  # nothing written for a run that could not start
+
+    code = cli.main(["demo", "--out", str(out), "--data-dir", str(dataset), "--bench-min-time", "5",
+                     "--bench-max-time", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("resnet-deploy demo: error: --bench-min-time and --bench-max-time need "
+                                        "0 <= min <= max, got 5.0 and 1.0")
+    assert not out.exists()
 
 
 def test_make_demo_builds_first_and_runs_the_demo_command():

@@ -76,6 +76,13 @@ def test_npy_input_with_labels_writes_json(artifacts, reference, tmp_path):
     assert list(records[0]["probabilities"]) == data.CLASSES
     assert records[0]["probability"] == max(records[0]["probabilities"].values())
 
+    np.save(tmp_path / "flat.npy", images.reshape(7, 28 * 28))  # one flattened image per row
+    summary = infer.infer(artifacts, tmp_path / "flat.npy", tmp_path / "flat.csv", backend="eager", progress=False,
+                          log=lambda line: None)
+    assert summary["images"] == 7
+    flat_rows = read_csv(tmp_path / "flat.csv")
+    assert [int(row["predicted"]) for row in flat_rows] == expected_classes(reference, images[:, 0])
+
     np.save(tmp_path / "one.npy", images[0, 0])  # a single (H, W) image
     summary = infer.infer(artifacts, tmp_path / "one.npy", tmp_path / "one.csv", backend="eager", progress=False,
                           log=lambda line: None)

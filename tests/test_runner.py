@@ -115,6 +115,9 @@ def test_runner_reports_user_errors_in_one_line(runner, tmp_path):
     assert "has no attribute 'input_shape'" in error_of(plain, "--images", images_path)
     assert "--batch-size must be an integer of at least 1" in error_of(model_path, "--images", images_path,
                                                                        "--batch-size", "0")
+    cores = len(os.sched_getaffinity(0))
+    assert f"--threads must be at most {cores}, the cores this process may use, got 100000" in error_of(
+        model_path, "--images", images_path, "--threads", "100000")
     no_images = write_idx(tmp_path / "none.gz", torch.zeros(0, 28, 28, dtype=torch.uint8))
     assert "no images in" in error_of(model_path, "--images", no_images)
 

@@ -105,8 +105,11 @@ def test_threads_are_set_per_backend(artifacts, images):
 def test_refusals(artifacts, tmp_path, images):
     with pytest.raises(ValueError, match="unknown backend 'tensorrt'; expected one of eager, eager-fused"):
         runtime.load(artifacts, "tensorrt")
-    with pytest.raises(ValueError, match="threads must be a positive integer, got 0"):
-        runtime.load(artifacts, "eager", threads=0)
+    cores = runtime.available_cores()
+    for threads in (0, cores + 1, 100_000):  # thousands of threads hang ONNX Runtime or crash the process
+        with pytest.raises(ValueError, match=f"--threads must be an integer from 1 to {cores}, the cores this "
+                                             f"process may use; got {threads}"):
+            runtime.load(artifacts, "onnxruntime", threads=threads)
     with pytest.raises(FileNotFoundError, match="does not exist; expected a directory written by `resnet-deploy"):
         runtime.load(tmp_path / "nowhere", "eager")
     with pytest.raises(FileNotFoundError, match="has no manifest.json; expected a directory written by"):

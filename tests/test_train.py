@@ -103,8 +103,8 @@ def test_resume_continues_where_the_run_stopped_with_nothing_lost(dataset_dir, t
 def test_resume_refuses_to_change_the_recipe(dataset_dir, tmp_path, capsys):
     assert cli.main(tiny_argv(dataset_dir, tmp_path / "run")) == 0
     assert cli.main(tiny_argv(dataset_dir, tmp_path / "run", "--resume", "--lr", "0.5")) == 1
-    assert ("resnet-deploy train: error: --resume continues the run as it was configured, but lr=0.5 differs "
-            "from the run's 0.2") in capsys.readouterr().err
+    assert ("holds a run, which is continued as it was configured (--resume, or a demo run again), but lr=0.5 "
+            "differs from the run's 0.2; drop the flag") in capsys.readouterr().err
 
 
 def test_a_finished_run_is_not_overwritten(dataset_dir, tmp_path):
@@ -129,6 +129,7 @@ def test_resume_without_a_checkpoint(tmp_path):
     ("image_size", 4, "image_size must be at least 8 pixels, got 4"),
     ("optimizer", "adam", "unknown optimizer 'adam'; expected sgd or adamw"),
     ("arch", "resnet50", "unknown architecture 'resnet50'; expected one of resnet18, resnet34"),
+    ("threads", len(os.sched_getaffinity(0)) + 1, "threads must be 0 \\(automatic\\) to [0-9]+, the cores this"),
 ])
 def test_bad_settings_are_rejected_early(flag, value, message):
     with pytest.raises(ValueError, match=message):

@@ -28,7 +28,12 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
+
+#if defined(__linux__)
+#include <sched.h>
+#endif
 
 #include "idx.h"
 #include "malloc_settings.h"
@@ -68,6 +73,15 @@ int64_t positive_int(const std::string& flag, const std::string& value, int64_t 
   return n;
 }
 
+// The cores this process may run on: its CPU affinity on Linux, the machine's count elsewhere.
+int available_cores() {
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return CPU_COUNT(&set);
+#endif
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
 Options parse(int argc, char** argv) {
   Options o;
   for (int i = 1; i < argc; ++i) {
@@ -101,6 +115,11 @@ Options parse(int argc, char** argv) {
   if (o.images.empty() == o.raw.empty()) throw UsageError("give exactly one of --images IDX and --raw FILE.f32");
   if (!o.labels.empty() && o.images.empty()) throw UsageError("--labels goes with --images");
   if (o.device != "cpu" && o.device != "cuda") throw UsageError("--device must be cpu or cuda, got " + o.device);
+  // More threads than cores only slows inference down; thousands crash libtorch's thread pool.
+  if (o.threads > available_cores()) {
+    throw UsageError("--threads must be at most " + std::to_string(available_cores()) +
+                     ", the cores this process may use, got " + std::to_string(o.threads));
+  }
   return o;
 }
 

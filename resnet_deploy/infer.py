@@ -110,13 +110,17 @@ def infer(artifact_dir: Union[str, Path], input_path: Union[str, Path], output: 
     bar = tqdm(total=source.count, unit="img", desc="infer", disable=not progress, dynamic_ncols=True,
                mininterval=0.5)
     try:
-        for batch in source.batches(batch_size):
+        # A folder may hold photos of any size: each is pre-processed as soon as it is decoded, so that a batch
+        # holds model-sized inputs, not full-size pictures (12 MB each at 12 megapixels, 48 MB as float).
+        for batch in source.batches(batch_size, prepare=lambda image: predictor.preprocess(image[None])):
             for name, reason in source.unreadable[reported:]:
                 tqdm.write(f"unreadable image skipped: {name} ({reason})")
             reported = len(source.unreadable)
             if batch.labels is not None:
                 _check_labels(batch.labels, seen, source, classes)
-            logits = predictor.predict(predictor.preprocess(batch.images))
+            model_input = (torch.cat(batch.images) if isinstance(batch.images, list)
+                           else predictor.preprocess(batch.images))
+            logits = predictor.predict(model_input)
             probabilities = torch.softmax(logits, dim=1).numpy()
             writer.write(batch.names, probabilities, batch.labels)
             if batch.labels is not None:

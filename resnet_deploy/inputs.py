@@ -11,14 +11,14 @@
              are skipped and listed in `unreadable`.
 
 open_input(path, classes, labels) checks what it can before the first batch (headers, shapes, dtypes,
-counts) and raises one-sentence ValueErrors; InputSource.batches(batch_size) yields Batch objects.
+counts) and raises one-sentence ValueErrors; InputSource.batches(batch_size, prepare) yields Batch objects.
 """
 import gzip
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, BinaryIO, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -28,7 +28,7 @@ _IDX_UBYTE = 0x08
 
 @dataclass
 class Batch:
-    images: Union[np.ndarray, List[np.ndarray]]  # uint8 (N, H, W), or a list of (H, W) arrays of any sizes
+    images: Union[np.ndarray, List[Any]]  # uint8 (N, H, W); from a folder, a list of what prepare made of each image
     names: List[str]                              # index in the file, or path relative to the folder
     labels: Optional[np.ndarray]                  # int64 (N,), -1 where unknown; None when there are no labels
 
@@ -48,7 +48,10 @@ class InputSource:
     unreadable: List[Tuple[str, str]] = field(default_factory=list)
     ignored: int = 0  # files in a folder that are not PNG or JPEG
 
-    def batches(self, batch_size: int) -> Iterator[Batch]:
+    def batches(self, batch_size: int, prepare: Callable[[np.ndarray], Any] = lambda image: image) -> Iterator[Batch]:
+        """Batches of up to batch_size images. A folder's images, of any sizes, each go through prepare(image)
+        (uint8 (H, W)) as soon as they are decoded, so that a batch holds what prepare makes of them (the
+        model's input, say) rather than full-size pictures; an array's images come as one uint8 array."""
         raise NotImplementedError
 
 
@@ -174,7 +177,7 @@ class _ArraySource(InputSource):
         super().__init__(path, kind, count, labels is not None, labels.path if labels else None)
         self._chunks, self._labels = chunks, labels
 
-    def batches(self, batch_size: int) -> Iterator[Batch]:
+    def batches(self, batch_size: int, prepare: Callable[[np.ndarray], Any] = lambda image: image) -> Iterator[Batch]:
         label_chunks = self._labels.chunks(batch_size) if self._labels else None
         start = 0
         for images in self._chunks(batch_size):
@@ -207,17 +210,18 @@ class _FolderSource(InputSource):
         super().__init__(path, "folder", len(files), labels is not None, ignored=ignored)
         self._files, self._labels = files, labels
 
-    def batches(self, batch_size: int) -> Iterator[Batch]:
+    def batches(self, batch_size: int, prepare: Callable[[np.ndarray], Any] = lambda image: image) -> Iterator[Batch]:
         for start in range(0, len(self._files), batch_size):
             images, names, labels = [], [], []
             for index in range(start, min(start + batch_size, len(self._files))):
                 file = self._files[index]
                 name = file.relative_to(self.path).as_posix()
                 try:
-                    images.append(read_image(file))
+                    image = read_image(file)
                 except Exception as error:  # any decoder failure means the same: this file is unreadable
                     self.unreadable.append((name, f"{type(error).__name__}: {error}"))
                     continue
+                images.append(prepare(image))
                 names.append(name)
                 if self._labels is not None:
                     labels.append(self._labels[index])

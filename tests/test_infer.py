@@ -123,6 +123,25 @@ def test_folder_input_labels_from_class_folders_and_skips_unreadable_images(arti
     assert int(rows["t-shirt_top/b.JPG"]["predicted"]) == expected_classes(reference, [jpeg])[0]
 
 
+def test_folder_batches_hold_each_image_as_prepared_when_decoded(tmp_path):
+    """Memory stays flat: a batch holds what prepare made of each picture, never the full-size pictures."""
+    rng = np.random.default_rng(3)
+    for name, size in (("a.png", (300, 200)), ("b.png", (28, 28)), ("c.png", (90, 120))):
+        Image.fromarray(rng.integers(0, 256, size, dtype=np.uint8)).save(tmp_path / name)
+    (tmp_path / "d.png").write_bytes(b"not a png")
+    source = inputs.open_input(tmp_path)
+    decoded = []
+
+    def prepare(image):
+        decoded.append(image.shape)
+        return image[:7, :7].copy()
+
+    batches = list(source.batches(2, prepare))
+    assert decoded == [(300, 200), (28, 28), (90, 120)]
+    assert [[image.shape for image in batch.images] for batch in batches] == [[(7, 7), (7, 7)], [(7, 7)]]
+    assert [name for name, _ in source.unreadable] == ["d.png"]
+
+
 def test_idx_input_is_read_batch_by_batch(tmp_path):
     """Memory stays flat: no read of the images file asks for more than one batch."""
     dataset = make_dataset(tmp_path / "ds", train=10, test=50)

@@ -159,7 +159,11 @@ def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.devic
         # weights_only: a checkpoint holds tensors and plain containers, never code to run
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
-        raise ValueError(f"{path} cannot be loaded as a checkpoint ({error}); expected a file written by "
+        # torch's refusal spans lines and suggests loading with code execution: one line, without that advice.
+        lines = str(error).strip().splitlines()
+        reason = ("not a PyTorch file of tensors and plain containers" if "Weights only load failed" in str(error)
+                  else f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__)
+        raise ValueError(f"{path} cannot be loaded as a checkpoint ({reason}); expected a file written by "
                          f"`resnet-deploy train`") from error
     missing = [key for key in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
     if missing:

@@ -1,3 +1,4 @@
+import fractions
 import pytest
 import torch
 from torch import nn
@@ -131,6 +132,11 @@ def test_load_checkpoint_errors(tmp_path):
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="garbage.pt cannot be loaded as a checkpoint"):
         models.load_checkpoint(tmp_path / "garbage.pt")
+    torch.save({"model": fractions.Fraction(1, 3)}, tmp_path / "object.pt")  # not loadable with weights_only
+    with pytest.raises(ValueError) as refusal:
+        models.load_checkpoint(tmp_path / "object.pt")
+    assert str(refusal.value).endswith("object.pt cannot be loaded as a checkpoint (not a PyTorch file of tensors and "
+                                       "plain containers); expected a file written by `resnet-deploy train`")
     torch.save({"state_dict": {}}, tmp_path / "partial.pt")
     with pytest.raises(ValueError, match="partial.pt lacks model, classes, input, epoch; expected a checkpoint"):
         models.load_checkpoint(tmp_path / "partial.pt")

@@ -63,7 +63,7 @@ import numpy as np
 import torch
 
 import resnet_deploy
-from resnet_deploy import allocator, runtime
+from resnet_deploy import allocator, outputs, runtime
 
 SCHEMA_VERSION = 1
 FUSED_COMPARISON_ROUNDS = 40
@@ -214,12 +214,7 @@ def bench(artifact_dir: Union[str, Path], out: Union[str, Path], backends: Seque
     threads = list(threads or default_threads())
     _check_settings(backends, batch_sizes, threads, min_time_s, max_time_s)
     manifest = runtime.read_manifest(artifact_dir)
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:  # a file in the way: say it is --out, not just "[Errno 17] File exists"
-        raise OSError(f"--out {out} cannot be used as the output directory ({error.strerror}); expected a "
-                      f"directory, or a path where one can be created") from error
+    out = outputs.output_directory(out)
     settings = {"backends": list(backends), "batch_sizes": list(batch_sizes), "threads": threads,
                 "warmup_s": warmup_s, "min_time_s": min_time_s, "max_time_s": max_time_s, "min_runs": min_runs,
                 "max_runs": max_runs, "tolerance": tolerance}

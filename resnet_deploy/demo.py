@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 
-from resnet_deploy import bench, data, export, infer, report, runtime
+from resnet_deploy import bench, data, export, infer, outputs, report, runtime
 
 # The benchmark's budget per figure: enough runs for stable medians at these model sizes, and the whole
 # demo well within 20 minutes on two cores.
@@ -36,7 +36,7 @@ def demo(out: Union[str, Path] = "runs/demo", data_dir: Optional[str] = None,
     # Checked before anything is written: a bad setting leaves no empty run directory behind.
     config = TrainConfig.from_preset("quick", out=str(train_dir), data_dir=data_dir, progress=progress,
                                      resume=(train_dir / CHECKPOINT).is_file(), **given)
-    out.mkdir(parents=True, exist_ok=True)
+    outputs.output_directory(out)
     stages: List[Dict[str, Any]] = []
     started = time.perf_counter()
 

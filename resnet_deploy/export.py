@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 import resnet_deploy
-from resnet_deploy import data
+from resnet_deploy import data, outputs
 from resnet_deploy.models import build_model, load_checkpoint
 
 TORCHSCRIPT, ONNX, MANIFEST, PARITY = "model.torchscript.pt", "model.onnx", "manifest.json", "parity.json"
@@ -262,8 +262,7 @@ def export_model(model: nn.Module, out: Union[str, Path], input_config: Dict[str
     if parity_count < 1:
         raise ValueError(f"the parity gate needs at least 1 image, got {parity_count}")
     in_channels = int(getattr(model, "config", {}).get("in_channels", 1))
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = outputs.output_directory(out)
     (out / MANIFEST).unlink(missing_ok=True)  # a manifest must never vouch for the files written below
 
     started = time.perf_counter()

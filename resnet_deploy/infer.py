@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from resnet_deploy import inputs, runtime
+from resnet_deploy import inputs, outputs, runtime
 
 DEFAULT_BACKEND = "onnxruntime"
 DEFAULT_BATCH_SIZE = 256
@@ -92,8 +92,7 @@ def infer(artifact_dir: Union[str, Path], input_path: Union[str, Path], output: 
         raise ValueError(f"--output {output} must end in .csv or .json, the two formats infer writes")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"--batch-size must be a positive integer, got {batch_size!r}")
-    if not output.parent.is_dir():
-        raise FileNotFoundError(f"the folder of --output {output} does not exist; expected an existing folder")
+    outputs.check_output_file(output)
     manifest = runtime.read_manifest(artifact_dir, verify=False)  # load() verifies; here: fail early on bad input
     classes = manifest["classes"]
     source = inputs.open_input(input_path, classes, labels, image_size=tuple(manifest["preprocess"]["size"]))

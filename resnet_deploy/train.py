@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from resnet_deploy import allocator, data
+from resnet_deploy import allocator, data, outputs
 from resnet_deploy.models import ARCHS, build_model, load_checkpoint
 
 
@@ -180,6 +180,7 @@ def train(config: TrainConfig, given: Optional[Dict[str, Any]] = None) -> nn.Mod
     given: the fields the user set explicitly; on --resume they must agree with the saved run's config.
     """
     out = Path(config.out)
+    outputs.check_output_directory(out)
     checkpoint_path = out / CHECKPOINT
     checkpoint = None
     if config.resume:
@@ -242,7 +243,7 @@ def train(config: TrainConfig, given: Optional[Dict[str, Any]] = None) -> nn.Mod
         torch.set_rng_state(checkpoint["rng"])
         start_epoch, history = checkpoint["epoch"], checkpoint["metrics"]
     if master:
-        out.mkdir(parents=True, exist_ok=True)
+        outputs.output_directory(out)
         if start_epoch >= config.epochs:
             print(f"the run in {out} has finished its {config.epochs} epochs; nothing to do", flush=True)
         else:

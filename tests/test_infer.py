@@ -184,6 +184,9 @@ def test_refusals(artifacts, tmp_path):
         run(images, output=tmp_path / "p.txt")
     with pytest.raises(FileNotFoundError, match="the folder of --output .* does not exist"):
         run(images, output=tmp_path / "missing" / "p.csv")
+    (tmp_path / "taken.csv").mkdir()
+    with pytest.raises(IsADirectoryError, match="--output .*taken.csv is a directory; expected a file name"):
+        run(images, output=tmp_path / "taken.csv")
     with pytest.raises(ValueError, match="--batch-size must be a positive integer, got 0"):
         run(images, batch_size=0)
     with pytest.raises(ValueError, match="unknown backend 'tvm'"):

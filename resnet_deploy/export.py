@@ -48,8 +48,11 @@ def _resolve_checkpoint(source: Union[str, Path]) -> Path:
     source = Path(source)
     if source.is_dir():
         if not (source / CHECKPOINT).is_file():
-            raise FileNotFoundError(f"run directory {source} has no {CHECKPOINT}; expected a directory written by "
-                                    f"`resnet-deploy train` or a checkpoint file")
+            # `resnet-deploy demo` keeps its training run in a subdirectory
+            inside = sorted(path.parent for path in source.glob(f"*/{CHECKPOINT}"))
+            hint = f" ({inside[0]} holds one)" if inside else ""
+            raise FileNotFoundError(f"run directory {source} has no {CHECKPOINT}{hint}; expected a directory written "
+                                    f"by `resnet-deploy train` or a checkpoint file")
         return source / CHECKPOINT
     if not source.exists():
         raise FileNotFoundError(f"{source} does not exist; expected a run directory or a checkpoint file")

@@ -60,6 +60,9 @@ def read_manifest(artifact_dir: Union[str, Path], verify: bool = True) -> Dict[s
     artifact's sha256 must match the manifest's."""
     artifact_dir = Path(artifact_dir)
     path = artifact_dir / MANIFEST
+    if artifact_dir.is_file():
+        raise NotADirectoryError(f"{artifact_dir} is a file; expected the artifact directory that `resnet-deploy "
+                                 f"export` wrote ({artifact_dir.parent}, if it holds {MANIFEST})")
     if not artifact_dir.is_dir():
         raise FileNotFoundError(f"artifact directory {artifact_dir} does not exist; expected a directory written "
                                 f"by `resnet-deploy export`")

@@ -207,6 +207,10 @@ def test_refuses_a_checkpoint_that_does_not_match_its_architecture(tmp_path):
 def test_refuses_missing_or_foreign_sources(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="has no checkpoint.pt; expected a directory written by"):
         export.load_model(tmp_path)
+    (tmp_path / "demo" / "train").mkdir(parents=True)  # a demo run keeps its training run in train/
+    (tmp_path / "demo" / "train" / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"demo has no checkpoint.pt \(.*demo/train holds one\); expected"):
+        export.load_model(tmp_path / "demo")
     with pytest.raises(FileNotFoundError, match="does not exist; expected a run directory or a checkpoint file"):
         export.load_model(tmp_path / "nothing")
     (tmp_path / "notes.txt").write_text("not a checkpoint")

@@ -114,6 +114,8 @@ def test_refusals(artifacts, tmp_path, images):
         runtime.load(tmp_path / "nowhere", "eager")
     with pytest.raises(FileNotFoundError, match="has no manifest.json; expected a directory written by"):
         runtime.load(tmp_path, "eager")
+    with pytest.raises(NotADirectoryError, match="model.onnx is a file; expected the artifact directory that"):
+        runtime.load(artifacts / "model.onnx", "eager")
 
     broken = tmp_path / "broken"
     shutil.copytree(artifacts, broken)

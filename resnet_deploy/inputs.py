@@ -8,7 +8,8 @@
   folder     PNG and JPEG images, searched recursively in name order, converted to 8-bit grayscale (16-bit
              grayscale scaled from 0..65535). An image in a folder named after a class (case, spaces and
              punctuation aside: "t-shirt_top" is "T-shirt/top") has that label. Files that do not decode
-             are skipped and listed in `unreadable`.
+             are skipped and listed in `unreadable`; hidden files and folders (names starting with ".") are
+             passed over.
 
 open_input(path, classes, labels) checks what it can before the first batch (headers, shapes, dtypes,
 counts) and raises one-sentence ValueErrors; InputSource.batches(batch_size, prepare) yields Batch objects.
@@ -250,7 +251,9 @@ def open_input(path: Union[str, Path], classes: Sequence[str] = (), labels: Opti
         if labels is not None:
             raise ValueError("--labels applies to idx and .npy inputs; a folder's labels come from its class-named "
                              "subfolders")
-        candidates = sorted(p for p in path.rglob("*") if p.is_file())
+        # Hidden files and folders (.ipynb_checkpoints/, macOS's ._name resource forks) are not the user's images.
+        candidates = sorted(p for p in path.rglob("*")
+                            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
         files = [p for p in candidates if p.suffix.lower() in IMAGE_SUFFIXES]
         if not files:
             raise ValueError(f"{path} holds no PNG or JPEG images ({len(candidates)} other files); expected image "

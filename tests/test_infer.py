@@ -104,6 +104,9 @@ def test_folder_input_labels_from_class_folders_and_skips_unreadable_images(arti
     png = (root / "d.png").read_bytes()
     (root / "cut.png").write_bytes(png[: len(png) // 2])
     (root / "notes.txt").write_text("not an image")
+    (root / ".ipynb_checkpoints").mkdir()  # hidden: passed over, not counted
+    Image.fromarray(gray).save(root / ".ipynb_checkpoints" / "a-checkpoint.png")
+    (root / "._d.png").write_bytes(b"a macOS resource fork")
 
     summary = infer.infer(artifacts, root, tmp_path / "p.csv", backend="torchscript", batch_size=2, progress=False)
     out = capsys.readouterr().out

@@ -20,7 +20,9 @@ from resnet_deploy import allocator, bench, demo, export, infer
 
 # ------------------------------------------------------------------------------------------------- info
 def add_info_parser(subparsers) -> None:
-    parser = subparsers.add_parser("info", help="versions and how the operator library was built")
+    parser = subparsers.add_parser("info", help="versions and how the operator library was built",
+                                   description="Print the versions of Python, torch, ONNX and ONNX Runtime, whether "
+                                               "the operator library has CUDA kernels, and which CPU kernels it runs.")
     parser.set_defaults(handler=run_info)
 
 
@@ -51,7 +53,14 @@ def add_train_parser(subparsers) -> None:
         "train", help="train the ResNet on Fashion-MNIST (also under torchrun)",
         description="Train the d2l ResNet on Fashion-MNIST. A preset sets every knob; any flag overrides it. "
                     "Under `torchrun --nproc_per_node=N` it trains with DistributedDataParallel.")
-    # default=None throughout: a flag the user did not give leaves the preset's value.
+    from resnet_deploy.train import PRESETS, TrainConfig
+
+    # default=None throughout: a flag the user did not give leaves the preset's value, which the help shows.
+    def knob(name: str, what: str = "") -> str:
+        values = {preset: getattr(TrainConfig.from_preset(preset), name) for preset in PRESETS}
+        shown = {preset: ("on" if v else "off") if isinstance(v, bool) else v for preset, v in values.items()}
+        return f"{what}{'; ' if what else ''}preset: " + ", ".join(f"{v} ({p})" for p, v in shown.items())
+
     add = parser.add_argument
     bool_flag = argparse.BooleanOptionalAction
     add("--preset", choices=["quick", "d2l"], default="quick",
@@ -60,21 +69,21 @@ def add_train_parser(subparsers) -> None:
     add("--resume", action="store_true", default=None, help="continue the run in --out from its last checkpoint")
     add("--data-dir", help="directory with the Fashion-MNIST idx files (then $RESNET_DEPLOY_DATA, the system "
                            "dataset, a download)")
-    add("--download", action=bool_flag, help="allow a torchvision download when no local copy is found")
-    add("--arch", choices=["resnet18", "resnet34"])
+    add("--download", action=bool_flag, help="allow a torchvision download when no local copy is found (default: on)")
+    add("--arch", choices=["resnet18", "resnet34"], help=knob("arch"))
     add("--fused", action=bool_flag, help="use the fused BatchNorm+add+ReLU operator (default) or plain PyTorch")
-    add("--image-size", type=int, help="images are resized to this height and width")
-    add("--epochs", type=int)
-    add("--batch-size", type=int, help="per process")
-    add("--optimizer", choices=["sgd", "adamw"])
-    add("--lr", type=float, help="learning rate (the peak under --schedule onecycle)")
-    add("--momentum", type=float)
-    add("--nesterov", action=bool_flag)
-    add("--weight-decay", type=float)
-    add("--schedule", choices=["onecycle", "constant"])
-    add("--label-smoothing", type=float)
-    add("--augment", action=bool_flag, help="random crop with 2-pixel padding and horizontal flip")
-    add("--seed", type=int)
+    add("--image-size", type=int, help=knob("image_size", "images are resized to this height and width"))
+    add("--epochs", type=int, help=knob("epochs"))
+    add("--batch-size", type=int, help=knob("batch_size", "per process, at least 2"))
+    add("--optimizer", choices=["sgd", "adamw"], help=knob("optimizer"))
+    add("--lr", type=float, help=knob("lr", "learning rate (the peak under --schedule onecycle)"))
+    add("--momentum", type=float, help=knob("momentum", "SGD momentum, in [0, 1)"))
+    add("--nesterov", action=bool_flag, help=knob("nesterov", "Nesterov momentum (SGD)"))
+    add("--weight-decay", type=float, help=knob("weight_decay"))
+    add("--schedule", choices=["onecycle", "constant"], help=knob("schedule", "learning-rate schedule"))
+    add("--label-smoothing", type=float, help=knob("label_smoothing", "in [0, 1)"))
+    add("--augment", action=bool_flag, help=knob("augment", "random crop with 2-pixel padding and horizontal flip"))
+    add("--seed", type=int, help=knob("seed", "seeds weights, data order and augmentation"))
     add("--threads", type=int,
         help="torch threads per process, at most the available cores (default: available cores / local processes)")
     add("--progress", action=bool_flag, help="show a progress bar")
@@ -110,6 +119,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         allocator.retain_freed_memory()
     try:
         args.handler(args)
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 1
     except (ValueError, OSError) as error:
         if os.environ.get("RESNET_DEPLOY_DEBUG", "") not in ("", "0"):
             raise

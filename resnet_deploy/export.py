@@ -351,7 +351,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT", help="a run directory or checkpoint.pt")
     parser.add_argument("--out", required=True, help="directory for the artifacts")
     parser.add_argument("--parity-images", type=int, default=1000,
-                        help="test images the parity gate compares (synthetic when Fashion-MNIST is absent)")
+                        help="test images the parity gate compares (default: 1000; synthetic when Fashion-MNIST "
+                             "is absent)")
     parser.add_argument("--data-dir", help="directory with the Fashion-MNIST idx files (default: as train finds them)")
     parser.set_defaults(handler=run)
 

@@ -295,3 +295,15 @@ def test_debug_variable_shows_tracebacks_unless_empty_or_zero(tmp_path, monkeypa
     else:
         assert cli.main(argv) == 1
         assert capsys.readouterr().err.startswith("resnet-deploy train: error: Fashion-MNIST not found")
+
+
+def test_a_closed_pipe_ends_a_command_quietly():
+    """`resnet-deploy info | head -1`: the reader leaves early; no error or traceback follows."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # gone before the first line: every write fails with EPIPE
+    try:
+        command = subprocess.run([sys.executable, "-m", "resnet_deploy.cli", "info"], stdout=write_end,
+                                 stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert command.stderr == "" and command.returncode == 1

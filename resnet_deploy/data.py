@@ -6,6 +6,7 @@ with tensor ops on whole batches, so two CPU cores spend their time on the model
 import gzip
 import math
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence, Tuple, Union
@@ -138,6 +139,7 @@ def find_dataset(data_dir: Optional[Union[str, Path]] = None, download: bool = T
 
     target = Path(data_dir or env_dir or DOWNLOAD_DIR)
     if download:
+        created = not target.exists()
         try:
             _download(target)
             found, missing = _dataset_files(target)
@@ -145,7 +147,10 @@ def find_dataset(data_dir: Optional[Union[str, Path]] = None, download: bool = T
                 return found_in(found)
             tried.append(f"a torchvision download into {target} (it left out {', '.join(missing)})")
         except Exception as error:  # offline, proxy, DNS, ...: all mean "no download", reported below
-            tried.append(f"a torchvision download into {target} (failed: {error})")
+            # torchvision's message lists every mirror over several lines: its first line says enough
+            tried.append(f"a torchvision download into {target} (failed: {str(error).strip().splitlines()[0]})")
+        if created and not any(path.is_file() for path in target.rglob("*")):
+            shutil.rmtree(target, ignore_errors=True)  # leave no empty folders behind a download that got nothing
     else:
         tried.append("a torchvision download (disabled)")
     raise DatasetNotFoundError(

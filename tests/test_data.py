@@ -209,3 +209,20 @@ def test_the_real_dataset_has_60000_training_and_10000_test_images():
 def test_the_real_dataset_files_are_gzip_idx():
     with gzip.open(REAL_DATASET / "train-images-idx3-ubyte.gz") as f:
         assert f.read(4) == bytes([0, 0, 8, 3])
+
+
+def test_a_failed_download_is_one_line_and_leaves_no_empty_folders(tmp_path, monkeypatch):
+    def offline(root):
+        (root / "FashionMNIST" / "raw").mkdir(parents=True)  # as torchvision does before fetching
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried http://a/, got:\n<urlopen error>")
+
+    monkeypatch.setattr(data, "_download", offline)
+    monkeypatch.delenv(data.ENV_VAR, raising=False)
+    monkeypatch.setattr(data, "SYSTEM_DIR", tmp_path / "no-system-dataset")
+    with pytest.raises(data.DatasetNotFoundError) as caught:
+        data.find_dataset(tmp_path / "new")
+    message = str(caught.value)
+    assert "\n" not in message
+    assert f"a torchvision download into {tmp_path / 'new'} (failed: Error downloading train-images-idx3-ubyte.gz:)" \
+        in message
+    assert not (tmp_path / "new").exists()

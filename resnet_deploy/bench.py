@@ -201,6 +201,10 @@ def _check_settings(backends, batch_sizes, threads, min_time_s, max_time_s) -> N
         raise ValueError("--threads needs at least one thread setting")
     for value in threads:
         runtime.check_threads(value)
+    for name, values in (("backend", backends), ("batch size", batch_sizes), ("thread setting", threads)):
+        repeated = sorted({str(v) for v in values if list(values).count(v) > 1})
+        if repeated:
+            raise ValueError(f"{name} {', '.join(repeated)} given more than once; expected each once")
     if not 0 <= min_time_s <= max_time_s:
         raise ValueError(f"the time budget needs 0 <= min time <= max time, got {min_time_s} and {max_time_s}")
 

@@ -178,6 +178,10 @@ def test_refusals(artifacts, tmp_path, capsys):
     cores = runtime.available_cores()
     with pytest.raises(ValueError, match=f"--threads must be an integer from 1 to {cores}, the cores this process"):
         bench.bench(artifacts, tmp_path, threads=[1, cores + 1])
+    with pytest.raises(ValueError, match="backend onnxruntime given more than once; expected each once"):
+        bench.bench(artifacts, tmp_path, backends=["onnxruntime", "eager", "onnxruntime"])
+    with pytest.raises(ValueError, match="batch size 8 given more than once"):
+        bench.bench(artifacts, tmp_path, batch_sizes=[8, 1, 8])
     with pytest.raises(ValueError, match="the time budget needs 0 <= min time <= max time, got 2 and 1"):
         bench.bench(artifacts, tmp_path, min_time_s=2, max_time_s=1)
     with pytest.raises(FileNotFoundError, match="has no manifest.json"):

@@ -86,7 +86,7 @@ def add_train_parser(subparsers) -> None:
     add("--seed", type=int, help=knob("seed", "seeds weights, data order and augmentation"))
     add("--threads", type=int,
         help="torch threads per process, at most the available cores (default: available cores / local processes)")
-    add("--progress", action=bool_flag, help="show a progress bar")
+    add("--progress", action=bool_flag, help="show a progress bar (default: when stderr is a terminal)")
     parser.set_defaults(handler=run_train)
 
 
@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "progress", False) is None:  # bars redrawn with \r only help a terminal, not a log file
+        args.progress = sys.stderr.isatty()
     if not args.system_malloc:
         allocator.retain_freed_memory()
     try:

@@ -89,7 +89,8 @@ def add_parser(subparsers) -> None:
         help=f"seconds of timed calls per benchmark figure at least (default: {BENCH_OPTIONS['min_time_s']})")
     add("--bench-max-time", type=float, default=BENCH_OPTIONS["max_time_s"],
         help=f"seconds of timed calls per benchmark figure at most (default: {BENCH_OPTIONS['max_time_s']})")
-    add("--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress bars")
+    add("--progress", action=argparse.BooleanOptionalAction,
+        help="show progress bars (default: when stderr is a terminal)")
     parser.set_defaults(handler=run)
 
 

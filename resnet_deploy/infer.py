@@ -178,7 +178,8 @@ def add_parser(subparsers) -> None:
     add("--backend", choices=runtime.BACKENDS, default=DEFAULT_BACKEND, help=f"default: {DEFAULT_BACKEND}")
     add("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help=f"default: {DEFAULT_BATCH_SIZE}")
     add("--threads", type=int, help="cores to use, at most those available (default: all available)")
-    add("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
+    add("--progress", action=argparse.BooleanOptionalAction,
+        help="show a progress bar (default: when stderr is a terminal)")
     parser.set_defaults(handler=run)
 
 

@@ -307,3 +307,13 @@ def test_16_bit_grayscale_images_read_as_their_8_bit_originals(tmp_path):
     # scaled, rounded to the nearest 8-bit value: 65535 is 255, 32767 is 127.498 -> 127, 32896 is 128
     Image.fromarray(np.array([[0, 128, 129, 32767, 32896, 65535]], np.uint16)).save(tmp_path / "edge.png")
     np.testing.assert_array_equal(inputs.read_image(tmp_path / "edge.png"), [[0, 0, 1, 127, 128, 255]])
+
+
+def test_progress_bar_only_on_a_terminal_unless_asked(artifacts, tmp_path, capsys):
+    images = np.zeros((3, 28, 28), np.uint8)
+    np.save(tmp_path / "x.npy", images)
+    argv = ["infer", str(artifacts), "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "p.csv")]
+    assert cli.main(argv) == 0  # stderr is not a terminal here
+    assert "infer:" not in capsys.readouterr().err
+    assert cli.main([*argv, "--progress"]) == 0
+    assert "infer: 100%" in capsys.readouterr().err

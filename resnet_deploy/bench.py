@@ -47,6 +47,7 @@ bench.json, schema_version 1:
 import argparse
 import dataclasses
 import gc
+import inspect
 import json
 import os
 import platform
@@ -195,18 +196,24 @@ def _check_settings(backends, batch_sizes, threads, min_time_s, max_time_s) -> N
     if unknown or not backends:
         raise ValueError(f"unknown backend(s) {', '.join(unknown) or '(none given)'}; expected some of "
                          f"{', '.join(runtime.BACKENDS)}")
-    if not batch_sizes or any(not isinstance(v, int) or v < 1 for v in batch_sizes):
+    if not batch_sizes or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in batch_sizes):
         raise ValueError(f"every batch size must be a positive integer, got {list(batch_sizes)}")
-    if not threads:
-        raise ValueError("--threads needs at least one thread setting")
     for value in threads:
         runtime.check_threads(value)
     for name, values in (("backend", backends), ("batch size", batch_sizes), ("thread setting", threads)):
-        repeated = sorted({str(v) for v in values if list(values).count(v) > 1})
+        repeated = [str(v) for v in sorted({v for v in values if list(values).count(v) > 1})]
         if repeated:
             raise ValueError(f"{name} {', '.join(repeated)} given more than once; expected each once")
     if not 0 <= min_time_s <= max_time_s:
         raise ValueError(f"the time budget needs 0 <= min time <= max time, got {min_time_s} and {max_time_s}")
+
+
+def check_options(options: Dict[str, Any]) -> None:
+    """Raise what bench(artifact_dir, out, **options) would raise for its settings, before any work."""
+    given = {**{name: parameter.default for name, parameter in inspect.signature(bench).parameters.items()
+                if parameter.default is not inspect.Parameter.empty}, **options}
+    _check_settings(given["backends"], given["batch_sizes"], list(given["threads"] or default_threads()),
+                    given["min_time_s"], given["max_time_s"])
 
 
 def bench(artifact_dir: Union[str, Path], out: Union[str, Path], backends: Sequence[str] = runtime.BACKENDS,

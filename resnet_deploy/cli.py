@@ -121,6 +121,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         allocator.retain_freed_memory()
     try:
         args.handler(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit: output to a pipe is block-buffered
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 1

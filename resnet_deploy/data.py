@@ -6,7 +6,6 @@ with tensor ops on whole batches, so two CPU cores spend their time on the model
 import gzip
 import math
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence, Tuple, Union
@@ -108,6 +107,14 @@ def _download(root: Path) -> None:
         FashionMNIST(str(root), train=train, download=True)
 
 
+def _one_line(error: Exception) -> str:
+    """torchvision's download error spans lines, one per mirror tried: its first and last (the cause) in one."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+
+
 def find_dataset(data_dir: Optional[Union[str, Path]] = None, download: bool = True,
                  log: Optional[Callable[[str], None]] = None) -> dict:
     """Paths of the four idx files: from data_dir, then $RESNET_DEPLOY_DATA, then /usr/share/datasets/
@@ -139,7 +146,7 @@ def find_dataset(data_dir: Optional[Union[str, Path]] = None, download: bool = T
 
     target = Path(data_dir or env_dir or DOWNLOAD_DIR)
     if download:
-        created = not target.exists()
+        made = [path for path in (target, *target.absolute().parents) if not path.exists()]  # deepest first
         try:
             _download(target)
             found, missing = _dataset_files(target)
@@ -147,10 +154,13 @@ def find_dataset(data_dir: Optional[Union[str, Path]] = None, download: bool = T
                 return found_in(found)
             tried.append(f"a torchvision download into {target} (it left out {', '.join(missing)})")
         except Exception as error:  # offline, proxy, DNS, ...: all mean "no download", reported below
-            # torchvision's message lists every mirror over several lines: its first line says enough
-            tried.append(f"a torchvision download into {target} (failed: {str(error).strip().splitlines()[0]})")
-        if created and not any(path.is_file() for path in target.rglob("*")):
-            shutil.rmtree(target, ignore_errors=True)  # leave no empty folders behind a download that got nothing
+            tried.append(f"a torchvision download into {target} (failed: {_one_line(error)})")
+        # No empty folders left behind a download that got nothing: rmdir removes only empty ones.
+        for folder in (target / "FashionMNIST" / "raw", target / "FashionMNIST", *made):
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
     else:
         tried.append("a torchvision download (disabled)")
     raise DatasetNotFoundError(

@@ -36,6 +36,13 @@ def demo(out: Union[str, Path] = "runs/demo", data_dir: Optional[str] = None,
     # Checked before anything is written: a bad setting leaves no empty run directory behind.
     config = TrainConfig.from_preset("quick", out=str(train_dir), data_dir=data_dir, progress=progress,
                                      resume=(train_dir / CHECKPOINT).is_file(), **given)
+    bench_options = {**BENCH_OPTIONS, **(bench_options or {})}
+    bench.check_options(bench_options)
+    for directory in (out, train_dir, artifact_dir, out / report.BENCH):
+        outputs.check_output_directory(directory)
+    if out.is_dir():
+        outputs.check_output_file(out / report.PREDICTIONS)
+    files = data.find_dataset(data_dir, config.download)  # where training will find it
     outputs.output_directory(out)
     stages: List[Dict[str, Any]] = []
     started = time.perf_counter()
@@ -58,14 +65,12 @@ def demo(out: Union[str, Path] = "runs/demo", data_dir: Optional[str] = None,
         export.export(train_dir, artifact_dir, data_dir=data_dir, log=log)
 
     with stage("infer"):
-        files = data.find_dataset(data_dir)  # where training found it (a finished download is not repeated)
         summary = infer.infer(artifact_dir, files["test_images"], out / report.PREDICTIONS, infer_backend,
                               labels=files["test_labels"], progress=progress, log=log)
         (out / report.INFER_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
 
     with stage("bench"):
-        bench_report = bench.bench(artifact_dir, out / report.BENCH, **{**BENCH_OPTIONS, **(bench_options or {})},
-                                   log=log)
+        bench_report = bench.bench(artifact_dir, out / report.BENCH, **bench_options, log=log)
 
     with stage("report"):
         path = report.write_report(out)

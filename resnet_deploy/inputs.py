@@ -128,6 +128,9 @@ def _npy_images(path: Path, image_size: Optional[Tuple[int, int]]) -> np.ndarray
     elif array.ndim == 2 and image_size and array.shape[1] == math.prod(image_size) and array.shape != image_size:
         array = array.reshape(len(array), *image_size)  # (N, H * W): one flattened image per row
     elif array.ndim == 2:
+        if max(array.shape) > 16 * min(array.shape):
+            raise ValueError(f"{path} holds one image of {array.shape[0]}x{array.shape[1]} pixels, too narrow for a "
+                             f"picture; if each row is a flattened image, reshape the array to (N, H, W) first")
         array = array[None]
     if array.dtype != np.uint8 or array.ndim != 3:
         raise ValueError(f"{path} holds a {array.dtype} array of shape {array.shape}; expected uint8 grayscale pixels "

@@ -24,6 +24,12 @@ def check_output_directory(out: Union[str, Path], flag: str = "--out") -> None:
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{flag} {out} is a file; expected a directory, or a path where one can be created")
     existing = next(parent for parent in (out, *out.absolute().parents) if parent.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{flag} {out} cannot be created: {existing} is a file; expected a directory, or a "
+                                 f"path where one can be created")
+    if out.is_symlink() and not out.exists():
+        raise NotADirectoryError(f"{flag} {out} is a link to nothing; expected a directory, or a path where one can "
+                                 f"be created")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise PermissionError(f"{flag} {out} cannot be created or written in {existing} by this process; expected "
                               f"a writable place")

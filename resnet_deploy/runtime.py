@@ -41,8 +41,10 @@ MANIFEST = "manifest.json"
 
 
 def available_cores() -> int:
-    """The cores this process may run on (its CPU affinity, not the machine's count)."""
-    return len(os.sched_getaffinity(0))
+    """The cores this process may run on (its CPU affinity where the OS has one, else the machine's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def check_threads(threads: Any, flag: str = "--threads") -> None:

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from resnet_deploy import allocator, data, outputs
+from resnet_deploy import allocator, data, outputs, runtime
 from resnet_deploy.models import ARCHS, build_model, load_checkpoint
 
 
@@ -73,9 +73,9 @@ class TrainConfig:
         require(self.weight_decay >= 0, f"weight_decay must be non-negative, got {self.weight_decay}")
         require(0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         require(self.seed >= 0, f"seed must be non-negative, got {self.seed}")
-        cores = len(os.sched_getaffinity(0))
-        require(0 <= self.threads <= cores, f"threads must be 0 (automatic) to {cores}, the cores this process may "
-                                            f"use; got {self.threads}")
+        share = default_threads()
+        require(isinstance(self.threads, int) and not isinstance(self.threads, bool) and 0 <= self.threads <= share,
+                f"threads must be 0 (automatic) to {share}, the cores each process may use; got {self.threads!r}")
 
     @classmethod
     def from_preset(cls, preset: str = "quick", **overrides) -> "TrainConfig":
@@ -115,7 +115,7 @@ def setup_distributed():
 def default_threads() -> int:
     """The cores this process may use, shared among the processes torchrun started on this machine."""
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    return max(1, len(os.sched_getaffinity(0)) // local_processes)
+    return max(1, runtime.available_cores() // local_processes)
 
 
 def atomic_write(path: Path, write) -> None:

@@ -220,9 +220,14 @@ def test_a_failed_download_is_one_line_and_leaves_no_empty_folders(tmp_path, mon
     monkeypatch.delenv(data.ENV_VAR, raising=False)
     monkeypatch.setattr(data, "SYSTEM_DIR", tmp_path / "no-system-dataset")
     with pytest.raises(data.DatasetNotFoundError) as caught:
-        data.find_dataset(tmp_path / "new")
+        data.find_dataset(tmp_path / "new" / "data")
     message = str(caught.value)
     assert "\n" not in message
-    assert f"a torchvision download into {tmp_path / 'new'} (failed: Error downloading train-images-idx3-ubyte.gz:)" \
-        in message
-    assert not (tmp_path / "new").exists()
+    assert (f"a torchvision download into {tmp_path / 'new' / 'data'} (failed: Error downloading "
+            f"train-images-idx3-ubyte.gz: ... <urlopen error>)") in message
+    assert not (tmp_path / "new").exists()  # the folders the download made, and no others, are gone
+
+    (tmp_path / "mine").mkdir()  # an existing, empty --data-dir stays, without what the download put in it
+    with pytest.raises(data.DatasetNotFoundError):
+        data.find_dataset(tmp_path / "mine")
+    assert (tmp_path / "mine").is_dir() and list((tmp_path / "mine").iterdir()) == []

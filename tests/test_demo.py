@@ -5,9 +5,10 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 from conftest import make_dataset
 
-from resnet_deploy import bench, cli, demo, export, report
+from resnet_deploy import bench, cli, data, demo, export, report
 
 TINY_BENCH = {"backends": ["eager", "eager-fused", "onnxruntime"], "batch_sizes": [1, 4], "threads": [1], "warmup_s": 0.0,
               "min_time_s": 0.0, "max_time_s": 0.05, "min_runs": 3, "op_benchmark": False}
@@ -78,6 +79,21 @@ def test_command_line_reports_a_bad_option_in_one_line(tmp_path, capsys):
     assert code == 1 and err.startswith("resnet-deploy demo: error: --bench-min-time and --bench-max-time need "
                                         "0 <= min <= max, got 5.0 and 1.0")
     assert not out.exists()
+
+
+def test_demo_checks_its_settings_and_data_before_writing_anything(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="backend eager given more than once"):
+        demo.demo(out, bench_options={"backends": ["eager", "eager"]}, progress=False, log=lambda line: None)
+    with pytest.raises(data.DatasetNotFoundError):
+        demo.demo(out, data_dir=tmp_path / "empty", train_options={"download": False}, progress=False,
+                  log=lambda line: None)
+    assert not out.exists()
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "predictions.csv").mkdir()
+    with pytest.raises(IsADirectoryError, match="predictions.csv is a directory"):
+        demo.demo(tmp_path / "taken", progress=False, log=lambda line: None)
+    assert sorted(path.name for path in (tmp_path / "taken").iterdir()) == ["predictions.csv"]
 
 
 def test_make_demo_builds_first_and_runs_the_demo_command():

@@ -229,6 +229,9 @@ def test_refusals(artifacts, tmp_path):
     np.save(tmp_path / "rgb.npy", np.zeros((2, 3, 28, 28), np.uint8))
     with pytest.raises(ValueError, match=r"shape \(2, 3, 28, 28\); expected uint8 grayscale pixels of shape"):
         run(tmp_path / "rgb.npy")
+    np.save(tmp_path / "strip.npy", np.zeros((3, 500), np.uint8))  # rows of images of another model's size
+    with pytest.raises(ValueError, match="holds one image of 3x500 pixels, too narrow for a picture; if each row is"):
+        run(tmp_path / "strip.npy")
     (tmp_path / "junk.npy").write_bytes(b"junk")
     with pytest.raises(ValueError, match="cannot be read as a .npy array"):
         run(tmp_path / "junk.npy")

@@ -19,6 +19,11 @@ def test_a_future_output_directory_is_checked_without_creating_it(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError, match="--out .*file is a file; expected a directory"):
         outputs.check_output_directory(tmp_path / "file")
+    with pytest.raises(NotADirectoryError, match="--out .*file/run cannot be created: .*file is a file"):
+        outputs.check_output_directory(tmp_path / "file" / "run")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(NotADirectoryError, match="--out .*dangling is a link to nothing"):
+        outputs.check_output_directory(tmp_path / "dangling")
 
 
 def test_output_file_must_be_a_file_in_an_existing_folder(tmp_path):

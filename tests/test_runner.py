@@ -118,6 +118,8 @@ def test_runner_reports_user_errors_in_one_line(runner, tmp_path):
     cores = len(os.sched_getaffinity(0))
     assert f"--threads must be at most {cores}, the cores this process may use, got 100000" in error_of(
         model_path, "--images", images_path, "--threads", "100000")
+    assert f"--threads must be at most {cores}, the cores this process may use, got 4294967297" in error_of(
+        model_path, "--images", images_path, "--threads", "4294967297")  # 1 once narrowed to 32 bits
     no_images = write_idx(tmp_path / "none.gz", torch.zeros(0, 28, 28, dtype=torch.uint8))
     assert "no images in" in error_of(model_path, "--images", no_images)
 

@@ -129,11 +129,21 @@ def test_resume_without_a_checkpoint(tmp_path):
     ("image_size", 4, "image_size must be at least 8 pixels, got 4"),
     ("optimizer", "adam", "unknown optimizer 'adam'; expected sgd or adamw"),
     ("arch", "resnet50", "unknown architecture 'resnet50'; expected one of resnet18, resnet34"),
-    ("threads", len(os.sched_getaffinity(0)) + 1, "threads must be 0 \\(automatic\\) to [0-9]+, the cores this"),
+    ("threads", len(os.sched_getaffinity(0)) + 1, "threads must be 0 \\(automatic\\) to [0-9]+, the cores each"),
 ])
 def test_bad_settings_are_rejected_early(flag, value, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**{flag: value})
+
+
+def test_threads_are_limited_to_each_local_process_share_of_the_cores(monkeypatch):
+    cores = len(os.sched_getaffinity(0))
+    assert TrainConfig(threads=cores).threads == cores
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores))  # torchrun --nproc_per_node=<cores>: one core each
+    with pytest.raises(ValueError, match="threads must be 0 \\(automatic\\) to 1, the cores each process may use; "
+                                         "got 2"):
+        TrainConfig(threads=2)
+    assert TrainConfig(threads=1).threads == 1
 
 
 def test_presets_and_overrides():
@@ -302,8 +312,9 @@ def test_a_closed_pipe_ends_a_command_quietly():
     read_end, write_end = os.pipe()
     os.close(read_end)  # gone before the first line: every write fails with EPIPE
     try:
+        environment = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a pipe buffers output
         command = subprocess.run([sys.executable, "-m", "resnet_deploy.cli", "info"], stdout=write_end,
-                                 stderr=subprocess.PIPE, text=True, timeout=120)
+                                 stderr=subprocess.PIPE, text=True, timeout=120, env=environment)
     finally:
         os.close(write_end)
     assert command.stderr == "" and command.returncode == 1

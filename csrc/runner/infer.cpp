@@ -107,7 +107,16 @@ Options parse(int argc, char** argv) {
     else if (arg == "--predictions") o.predictions = value;
     else if (arg == "--batch-size") o.batch_size = positive_int(arg, value, 1);
     else if (arg == "--warmup") o.warmup = positive_int(arg, value, 0);
-    else if (arg == "--threads") o.threads = static_cast<int>(positive_int(arg, value, 1));
+    else if (arg == "--threads") {
+      // Checked before narrowing to int: more threads than cores only slow inference down, and thousands
+      // crash libtorch's thread pool.
+      const int64_t threads = positive_int(arg, value, 1);
+      if (threads > available_cores()) {
+        throw UsageError("--threads must be at most " + std::to_string(available_cores()) +
+                         ", the cores this process may use, got " + value);
+      }
+      o.threads = static_cast<int>(threads);
+    }
     else if (arg == "--device") o.device = value;
     else throw UsageError("unknown option " + arg);
   }
@@ -115,11 +124,6 @@ Options parse(int argc, char** argv) {
   if (o.images.empty() == o.raw.empty()) throw UsageError("give exactly one of --images IDX and --raw FILE.f32");
   if (!o.labels.empty() && o.images.empty()) throw UsageError("--labels goes with --images");
   if (o.device != "cpu" && o.device != "cuda") throw UsageError("--device must be cpu or cuda, got " + o.device);
-  // More threads than cores only slows inference down; thousands crash libtorch's thread pool.
-  if (o.threads > available_cores()) {
-    throw UsageError("--threads must be at most " + std::to_string(available_cores()) +
-                     ", the cores this process may use, got " + std::to_string(o.threads));
-  }
   return o;
 }
 
